@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over photref_core."""
