@@ -1,0 +1,632 @@
+"""The per-field zarr v3 store (SPEC 2) and its ingestion in three steps: plan, write batches, finalise.
+
+Layout (root group)::
+
+    mag, mag_err      (frame, source, photometry)  float, NaN where not measured
+    source_id         (source,)                    uint64
+    in_catalog        (source,)                    bool
+    frame_id          (frame,)                     str   FRAMEID
+    time              (frame,)                     float JD (NaN when the frame has none)
+    frame_path        (frame,)                     str   absolute path of the file ingested
+    frame_mtime_ns    (frame,)                     int64 file identity: modification time ...
+    frame_size        (frame,)                     int64 ... and size
+    frame_state       (frame,)                     int8  0 pending, 1 ingested, 2 quarantined
+    attrs: photref_schema, n_photometries, frames_per_chunk, quarantine, content_version, catalog
+
+Why it is safe to write in parallel without locks (zarr has none): the frame axis is cut into chunks of
+``frames_per_chunk`` frames, and one writer owns every chunk of its frames (``mag``, ``mag_err`` and the
+completion marker ``frame_state`` share that frame chunking). All sizes are fixed by :func:`plan_ingestion`
+before any writer starts; writers never resize. ``frame_state`` is written after the data, so a frame
+counts as ingested only once its data are on disk, and a run killed half-way redoes only unfinished frames.
+Everything on the frame and source axes other than the data and the marker is written by the planner and
+the finaliser alone, while no writer runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from .errors import BadInputError, StoreError
+from .io import FrameHeader, read_frame, read_frame_header, valid_measurements
+
+SCHEMA_VERSION = 1
+PENDING, INGESTED, QUARANTINED = 0, 1, 2
+DATA_DIMS = ["frame", "source", "photometry"]
+TARGET_CHUNK_BYTES = 2 * 2**20
+DEFAULT_FRAMES_PER_CHUNK = 16
+_FRAME_META = ("frame_id", "time", "frame_path", "frame_mtime_ns", "frame_size")
+
+
+def _url(store) -> str:
+    return os.fspath(store)
+
+
+def file_identity(path: str) -> tuple[int, int]:
+    """(mtime in ns, size) of a file: a frame whose identity is unchanged needs no new ingestion."""
+    st = os.stat(path)
+    return int(st.st_mtime_ns), int(st.st_size)
+
+
+def open_store(store, mode: str = "r") -> zarr.Group:
+    """Open an existing photref store and check its schema version.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Directory path or fsspec URL of the zarr store.
+    mode : {'r', 'r+'}
+        Read only, or read/write.
+
+    Raises
+    ------
+    StoreError
+        When there is no store there, or it was written by another schema version.
+    """
+    url = _url(store)
+    try:
+        group = zarr.open_group(url, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"{url}: no photref store here ({exc})") from exc
+    version = group.attrs.get("photref_schema")
+    if version != SCHEMA_VERSION:
+        raise StoreError(
+            f"{url}: store schema version {version!r}, this photref reads version {SCHEMA_VERSION}; "
+            "re-ingest the frames into a new store"
+        )
+    return group
+
+
+def store_exists(store) -> bool:
+    """Whether a photref store (of any schema version) exists at ``store``."""
+    try:
+        group = zarr.open_group(_url(store), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False
+    return "photref_schema" in group.attrs
+
+
+def open_dataset(store) -> xr.Dataset:
+    """The store as an ``xarray.Dataset`` (dims frame, source, photometry; lazy dask arrays).
+
+    Frames that are not ingested (pending or quarantined) are included with NaN data; select
+    ``ds.frame_state == 1`` for the ingested ones.
+    """
+    open_store(store)  # schema check with a clear message
+    return xr.open_zarr(_url(store), consolidated=False)
+
+
+def choose_chunks(
+    n_sources: int, n_photometries: int, itemsize: int, frames_per_chunk: int = DEFAULT_FRAMES_PER_CHUNK
+) -> tuple[int, int, int]:
+    """Chunk shape (frames, sources, photometries) of about 2 MiB.
+
+    Frames per chunk is fixed (it is the unit of work of one writer); the source chunk is cut so that an
+    out-of-core reader of a block of sources over all frames reads little it does not need.
+    """
+    per_source = frames_per_chunk * n_photometries * itemsize
+    source_chunk = max(1024, TARGET_CHUNK_BYTES // per_source)
+    return frames_per_chunk, int(min(max(n_sources, 1), source_chunk)), n_photometries
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FrameBatch:
+    """The frames one writer ingests: all in the same frame chunk, so no other writer touches it."""
+
+    chunk: int
+    slots: list[int]
+    paths: list[str]
+    frame_ids: list[str]
+
+
+@dataclass
+class IngestionPlan:
+    """What :func:`plan_ingestion` decided; every field is small (paths and ids, never data)."""
+
+    store: str
+    batches: list[FrameBatch]
+    skipped: list[str]  # paths already ingested with an unchanged file
+    quarantined: dict[str, dict] = field(default_factory=dict)  # path -> {frame_id, reason}
+    n_frames: int = 0
+    n_sources: int = 0
+    n_photometries: int = 0
+
+    @property
+    def n_to_ingest(self) -> int:
+        return sum(len(b.slots) for b in self.batches)
+
+
+def _scan(paths: Sequence[str], workers: int) -> list[FrameHeader | BadInputError]:
+    def one(path):
+        try:
+            return read_frame_header(path)
+        except BadInputError as exc:
+            return exc
+
+    if workers <= 1 or len(paths) < 8:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, paths))
+
+
+def _create_store(url, n_phot, dtype, frames_per_chunk) -> zarr.Group:
+    group = zarr.open_group(url, mode="a")
+    if "photref_schema" in group.attrs:
+        return group
+    if len(group) or group.attrs.asdict():
+        raise StoreError(f"{url}: exists and is not a photref store; choose an empty location")
+    itemsize = np.dtype(dtype).itemsize
+    chunks = choose_chunks(0, n_phot, itemsize, frames_per_chunk)
+    for name in ("mag", "mag_err"):
+        group.create_array(
+            name,
+            shape=(0, 0, n_phot),
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=np.nan,
+            dimension_names=DATA_DIMS,
+            attributes={"coordinates": "frame_id time source_id"},
+        )
+    group.create_array("source_id", shape=(0,), chunks=(65536,), dtype="u8", dimension_names=["source"])
+    group.create_array(
+        "in_catalog", shape=(0,), chunks=(65536,), dtype=bool, fill_value=False, dimension_names=["source"]
+    )
+    meta_chunk = 4096
+    group.create_array("frame_id", shape=(0,), chunks=(meta_chunk,), dtype=str, dimension_names=["frame"])
+    group.create_array("frame_path", shape=(0,), chunks=(meta_chunk,), dtype=str, dimension_names=["frame"])
+    group.create_array(
+        "time", shape=(0,), chunks=(meta_chunk,), dtype="f8", fill_value=np.nan, dimension_names=["frame"]
+    )
+    for name in ("frame_mtime_ns", "frame_size"):
+        group.create_array(name, shape=(0,), chunks=(meta_chunk,), dtype="i8", dimension_names=["frame"])
+    group.create_array(
+        "frame_state",
+        shape=(0,),
+        chunks=(frames_per_chunk,),
+        dtype="i1",
+        fill_value=0,
+        dimension_names=["frame"],
+    )
+    group.attrs.update(
+        {
+            "photref_schema": SCHEMA_VERSION,
+            "n_photometries": n_phot,
+            "frames_per_chunk": frames_per_chunk,
+            "quarantine": {},
+            "content_version": "",
+        }
+    )
+    return group
+
+
+def _source_axis_chunking(group, n_sources):
+    """Source chunk of the data arrays, fixed when the store first gets sources."""
+    mag = group["mag"]
+    if mag.shape[1] > 0:
+        return mag.chunks[1]
+    f, s, p = choose_chunks(n_sources, mag.shape[2], mag.dtype.itemsize, mag.chunks[0])
+    return s
+
+
+def plan_ingestion(
+    store,
+    frame_paths: Iterable[str | os.PathLike],
+    catalog=None,
+    dtype="f8",
+    frames_per_chunk: int = DEFAULT_FRAMES_PER_CHUNK,
+    strict: bool = False,
+    scan_workers: int = 2,
+) -> IngestionPlan:
+    """Fix the axes of the store before the fan-out, and cut the new frames into writer batches.
+
+    Frames already ingested from an unchanged file (same path, mtime and size) are skipped without being
+    opened. The others are scanned (header, source ids, P); bad ones are quarantined with the reason. The
+    source axis becomes the catalog ids plus every id seen in a usable frame; the frame axis grows by the
+    new frames. Arrays are resized here, never while writers run.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Store directory or fsspec URL (created when missing).
+    frame_paths : iterable of path
+        Frame photometry files (SPEC 1.1).
+    catalog : astropy.table.Table, optional
+        From :func:`photref_core.io.read_catalog`. Without one, no frame is quarantined for having no
+        known star and ``in_catalog`` stays False.
+    dtype : str
+        Float type of ``mag``/``mag_err`` when the store is created (float64 keeps the input exactly).
+    frames_per_chunk : int
+        Frames per chunk when the store is created; one writer task per chunk.
+    strict : bool
+        Raise on the first bad frame instead of quarantining it.
+    scan_workers : int
+        Threads for the header pre-pass.
+
+    Returns
+    -------
+    IngestionPlan
+    """
+    url = _url(store)
+    paths = list(dict.fromkeys(os.path.abspath(os.fspath(p)) for p in frame_paths))
+    exists = store_exists(url)
+    group = open_store(url, "r+") if exists else None
+
+    known: dict[str, tuple[int, str, int, int, int]] = {}  # path -> (slot, frame_id, state, mtime, size)
+    slot_of_id: dict[str, int] = {}
+    quarantine_prev: dict = {}
+    if group is not None:
+        meta = {name: group[name][:] for name in _FRAME_META + ("frame_state",)}
+        for slot, fid in enumerate(meta["frame_id"]):
+            slot_of_id[str(fid)] = slot
+            known[str(meta["frame_path"][slot])] = (
+                slot,
+                str(fid),
+                int(meta["frame_state"][slot]),
+                int(meta["frame_mtime_ns"][slot]),
+                int(meta["frame_size"][slot]),
+            )
+        quarantine_prev = dict(group.attrs.get("quarantine", {}))
+
+    skipped, to_scan, identities, quarantined = [], [], {}, {}
+    for path in paths:
+        try:
+            identities[path] = file_identity(path)
+        except OSError as exc:
+            reason = (
+                "file does not exist"
+                if isinstance(exc, FileNotFoundError)
+                else (f"cannot stat the file ({exc.strerror or exc})")
+            )
+            if strict:
+                raise BadInputError(path, reason) from exc
+            quarantined[path] = {"frame_id": None, "reason": reason}
+            continue
+        prev = known.get(path)
+        if prev is not None and prev[2] in (INGESTED, QUARANTINED) and prev[3:] == identities[path]:
+            skipped.append(path)
+            continue
+        q = quarantine_prev.get(path)
+        if q is not None and prev is None and tuple(q.get("identity", ())) == identities[path]:
+            skipped.append(path)  # bad before, unchanged since: still bad, nothing to redo
+            continue
+        to_scan.append(path)
+
+    scanned = _scan(to_scan, scan_workers)
+    headers: list[FrameHeader] = []
+    n_phot = group.attrs["n_photometries"] if group is not None else None
+    if n_phot is None:
+        counts = [h.n_photometries for h in scanned if isinstance(h, FrameHeader)]
+        if counts:
+            values, freq = np.unique(counts, return_counts=True)
+            n_phot = int(values[np.argmax(freq)])  # the majority decides P of a new store
+    catalog_ids = (
+        np.asarray(catalog["source_id"], dtype=np.uint64) if catalog is not None else np.zeros(0, np.uint64)
+    )
+    seen_ids: dict[str, str] = {}
+    bad_slots: list[int] = []
+    for path, result in zip(to_scan, scanned, strict=True):
+        reason = None
+        if isinstance(result, BadInputError):
+            reason = result.problem
+        elif result.n_photometries != n_phot:
+            reason = f"has {result.n_photometries} photometries, the store has {n_phot}"
+        elif result.source_id.size == 0:
+            reason = "has no rows"
+        elif catalog is not None and not np.isin(result.source_id, catalog_ids).any():
+            reason = "has no star of the catalog"
+        elif result.frame_id in seen_ids:
+            reason = f"FRAMEID {result.frame_id!r} is also used by {seen_ids[result.frame_id]}"
+        elif result.frame_id in slot_of_id and known.get(path, (None,))[0] != slot_of_id[result.frame_id]:
+            other = next((p for p, k in known.items() if k[0] == slot_of_id[result.frame_id]), "?")
+            if other != path and os.path.exists(other):
+                reason = f"FRAMEID {result.frame_id!r} is already ingested from {other}"
+        if reason is not None:
+            if strict:
+                raise BadInputError(path, reason)
+            fid = result.frame_id if isinstance(result, FrameHeader) else None
+            quarantined[path] = {"frame_id": fid, "reason": reason, "identity": list(identities[path])}
+            if path in known:  # ingested before from a file that has since gone bad: stop using it
+                bad_slots.append(known[path][0])
+            continue
+        seen_ids[result.frame_id] = path
+        headers.append(result)
+
+    if group is None:
+        if n_phot is None:
+            raise BadInputError(None, f"no readable frame among {len(paths)} file(s); nothing to ingest")
+        group = _create_store(url, n_phot, dtype, frames_per_chunk)
+
+    # --- source axis: existing + catalog + seen, new ids appended in sorted order -------------------
+    old_ids = group["source_id"][:]
+    new_ids = [catalog_ids] + [h.source_id for h in headers]
+    candidate = np.unique(np.concatenate(new_ids)) if new_ids else np.zeros(0, np.uint64)
+    extra = np.setdiff1d(candidate, old_ids, assume_unique=True)
+    n_sources = old_ids.size + extra.size
+    in_catalog = np.isin(np.concatenate([old_ids, extra]), catalog_ids) if catalog is not None else None
+
+    # --- frame axis: existing slots reused by FRAMEID, new frames appended ----------------------------
+    n_old = group["frame_id"].shape[0]
+    slot_for = {}
+    next_slot = n_old
+    for h in headers:
+        if h.frame_id in slot_of_id:
+            slot_for[h.path] = slot_of_id[h.frame_id]
+        else:
+            slot_for[h.path] = next_slot
+            next_slot += 1
+    n_frames = next_slot
+
+    # --- resize and write the axes (no writer runs now) ----------------------------------------------
+    if n_sources != old_ids.size or n_frames != n_old:
+        source_chunk = _source_axis_chunking(group, n_sources)
+        for name in ("mag", "mag_err"):
+            arr = group[name]
+            if arr.shape[1] == 0 and arr.chunks[1] != source_chunk:
+                # First sources of a new store: the source chunking is decided now, from their number.
+                attrs = arr.attrs.asdict()
+                chunks = (arr.chunks[0], source_chunk, arr.chunks[2])
+                del group[name]
+                arr = group.create_array(
+                    name,
+                    shape=(0, 0, n_phot),
+                    chunks=chunks,
+                    dtype=arr.dtype,
+                    fill_value=np.nan,
+                    dimension_names=DATA_DIMS,
+                    attributes=attrs,
+                )
+            arr.resize((n_frames, n_sources, n_phot))
+        group["source_id"].resize((n_sources,))
+        group["in_catalog"].resize((n_sources,))
+        for name in _FRAME_META + ("frame_state",):
+            group[name].resize((n_frames,))
+    if extra.size:
+        group["source_id"][old_ids.size :] = extra
+    if in_catalog is not None:
+        group["in_catalog"][:] = in_catalog
+
+    if headers:
+        slots = np.array([slot_for[h.path] for h in headers])
+        order = np.argsort(slots)
+        lo, hi = int(slots.min()), int(slots.max()) + 1
+        block = {name: group[name][lo:hi] for name in _FRAME_META}
+        state = group["frame_state"][lo:hi]
+        for i in order:
+            h = headers[i]
+            k = slot_for[h.path] - lo
+            block["frame_id"][k] = h.frame_id
+            block["time"][k] = h.time
+            block["frame_path"][k] = h.path
+            block["frame_mtime_ns"][k], block["frame_size"][k] = identities[h.path]
+            state[k] = PENDING
+        for name in _FRAME_META:
+            group[name][lo:hi] = block[name]
+        # Resetting the markers of re-ingested frames happens here, before any writer runs.
+        group["frame_state"][lo:hi] = state
+
+    for slot in bad_slots:
+        group["frame_state"][slot] = QUARANTINED
+
+    # --- batches: the new frames grouped by frame chunk ---------------------------------------------------
+    fpc = group["mag"].chunks[0]
+    by_chunk: dict[int, FrameBatch] = {}
+    for h in sorted(headers, key=lambda h: slot_for[h.path]):
+        slot = slot_for[h.path]
+        batch = by_chunk.setdefault(
+            slot // fpc, FrameBatch(chunk=slot // fpc, slots=[], paths=[], frame_ids=[])
+        )
+        batch.slots.append(slot)
+        batch.paths.append(h.path)
+        batch.frame_ids.append(h.frame_id)
+
+    # Quarantine records from the scan are kept now, so the report survives a crash of the writers.
+    if quarantined:
+        q = dict(group.attrs.get("quarantine", {}))
+        q.update(quarantined)
+        group.attrs["quarantine"] = q
+    if catalog is not None and "path" in catalog.meta:
+        group.attrs["catalog"] = catalog.meta["path"]
+    return IngestionPlan(
+        store=url,
+        batches=list(by_chunk.values()),
+        skipped=skipped,
+        quarantined=quarantined,
+        n_frames=n_frames,
+        n_sources=n_sources,
+        n_photometries=n_phot,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing (the fan-out)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FrameResult:
+    """Outcome of ingesting one frame."""
+
+    path: str
+    frame_id: str
+    slot: int
+    state: int
+    reason: str | None = None
+    n_measurements: int = 0
+
+
+def ingest_batch(store, batch: FrameBatch, strict: bool = False, reader=read_frame) -> list[FrameResult]:
+    """Read the frames of one batch and write their rows of ``mag``/``mag_err``, then their markers.
+
+    The batch owns its frame chunk: it reads the chunk's current rows (other frames of the chunk may
+    have been ingested by an earlier run), replaces its own frames' rows and writes the chunk once.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        The store prepared by :func:`plan_ingestion`.
+    batch : FrameBatch
+        One batch of the plan.
+    strict : bool
+        Raise on a bad frame instead of quarantining it.
+    reader : callable
+        Reads a frame path into a :class:`~photref_core.io.FramePhotometry` (tests inject faults here).
+
+    Returns
+    -------
+    list of FrameResult
+    """
+    group = open_store(store, "r+")
+    mag_arr, err_arr = group["mag"], group["mag_err"]
+    source_ids = group["source_id"][:]
+    sorter = np.argsort(source_ids, kind="stable")
+    sorted_ids = source_ids[sorter]
+    lo, hi = min(batch.slots), max(batch.slots) + 1
+    mag = mag_arr[lo:hi]
+    err = err_arr[lo:hi]
+    states = group["frame_state"][lo:hi]
+    results = []
+    for slot, path, frame_id in zip(batch.slots, batch.paths, batch.frame_ids, strict=True):
+        k = slot - lo
+        mag[k] = np.nan
+        err[k] = np.nan
+        try:
+            frame = reader(path)
+            if frame.header.frame_id != frame_id:
+                raise BadInputError(path, f"FRAMEID changed from {frame_id!r} to {frame.header.frame_id!r}")
+            if frame.mag.shape[1] != mag.shape[2]:
+                raise BadInputError(
+                    path, f"has {frame.mag.shape[1]} photometries, the store has {mag.shape[2]}"
+                )
+            good = valid_measurements(frame.mag, frame.mag_err)
+            if not good.any():
+                raise BadInputError(path, "has no valid measurement (every mag or mag_err is NaN or <= 0)")
+            pos = np.searchsorted(sorted_ids, frame.header.source_id)
+            pos = np.minimum(pos, sorted_ids.size - 1)
+            if not np.array_equal(sorted_ids[pos], frame.header.source_id):
+                raise BadInputError(path, "has source ids that were not in it when the ingestion was planned")
+            cols = sorter[pos]
+            mag[k, cols] = frame.mag
+            err[k, cols] = frame.mag_err
+            states[k] = INGESTED
+            results.append(FrameResult(path, frame_id, slot, INGESTED, None, int(good.sum())))
+        except BadInputError as exc:
+            if strict:
+                raise
+            mag[k] = np.nan
+            err[k] = np.nan
+            states[k] = QUARANTINED
+            results.append(FrameResult(path, frame_id, slot, QUARANTINED, exc.problem, 0))
+    # Data first, marker last: a frame is ingested only once its rows are written.
+    dtype = mag_arr.dtype
+    mag_arr[lo:hi] = mag.astype(dtype, copy=False)
+    err_arr[lo:hi] = err.astype(dtype, copy=False)
+    group["frame_state"][lo:hi] = states
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Finalising
+# --------------------------------------------------------------------------------------------------
+
+
+def content_version(store) -> str:
+    """A short hash of what the store holds (frames, their states and file identities, sources).
+
+    Downstream results are cached on this: it changes exactly when the ingested data change.
+    """
+    group = open_store(store)
+    h = hashlib.sha256()
+    for name in ("frame_id", "frame_state", "frame_mtime_ns", "frame_size", "source_id", "in_catalog"):
+        values = group[name][:]
+        h.update(name.encode())
+        if values.dtype.kind in "OTU":
+            h.update("\0".join(map(str, values)).encode())
+        else:
+            h.update(np.ascontiguousarray(values).tobytes())
+    h.update(str(group["mag"].dtype).encode())
+    return h.hexdigest()[:16]
+
+
+def finalize_ingestion(store, results: Iterable[FrameResult]) -> dict:
+    """Record the writers' quarantines and the new content version; return a summary dictionary."""
+    group = open_store(store, "r+")
+    q = dict(group.attrs.get("quarantine", {}))
+    n_ok = n_bad = 0
+    for r in results:
+        if r.state == QUARANTINED:
+            n_bad += 1
+            q[r.path] = {"frame_id": r.frame_id, "reason": r.reason, "identity": list(file_identity(r.path))}
+        else:
+            n_ok += 1
+            q.pop(r.path, None)
+    group.attrs["quarantine"] = q
+    version = content_version(store)
+    group.attrs["content_version"] = version
+    state = group["frame_state"][:]
+    return {
+        "content_version": version,
+        "frames_in_store": int(state.size),
+        "frames_ingested_total": int((state == INGESTED).sum()),
+        "frames_quarantined_total": len(q),
+        "ingested_now": n_ok,
+        "quarantined_now": n_bad,
+    }
+
+
+def frame_table(store):
+    """Every frame the store knows of (ingested, quarantined, pending) plus files quarantined unread.
+
+    Returns
+    -------
+    astropy.table.Table
+        Columns ``frame_id``, ``path``, ``state`` ('ingested', 'quarantined', 'pending'), ``reason``,
+        ``time``; used for the INMASTER HDU and the run reports.
+    """
+    from astropy.table import Table
+
+    group = open_store(store)
+    names = {PENDING: "pending", INGESTED: "ingested", QUARANTINED: "quarantined"}
+    q = group.attrs.get("quarantine", {})
+    rows = []
+    paths = group["frame_path"][:]
+    for fid, path, st, t in zip(
+        group["frame_id"][:], paths, group["frame_state"][:], group["time"][:], strict=True
+    ):
+        reason = q.get(str(path), {}).get("reason", "") if st == QUARANTINED else ""
+        rows.append((str(fid), str(path), names[int(st)], reason, float(t)))
+    in_store = set(map(str, paths))
+    for path, rec in q.items():
+        if path not in in_store:
+            rows.append(
+                (
+                    str(rec.get("frame_id") or os.path.basename(path)),
+                    path,
+                    "quarantined",
+                    rec["reason"],
+                    math.nan,
+                )
+            )
+    return Table(
+        rows=rows or None,
+        names=("frame_id", "path", "state", "reason", "time"),
+        dtype=(str, str, str, str, float),
+    )
+
+
+def summary_json(summary: dict) -> str:
+    """Stable JSON of a summary dictionary (for logs and artifacts)."""
+    return json.dumps(summary, indent=2, sort_keys=True, default=str)

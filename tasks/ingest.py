@@ -1,0 +1,59 @@
+"""Prefect tasks of the ingestion: plan (pre-pass, axes), write one frame chunk, finalise.
+
+The store's per-frame markers are the cache of the ingestion (a frame already ingested from an unchanged
+file is skipped by the planner), so these tasks keep no Prefect cache of their own.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from photref_core import store as core_store
+from photref_core.io import read_catalog
+
+from .common import IO_RETRIES, IO_RETRY_DELAYS, retry_on_transient_io
+
+
+@task(
+    name="plan-ingestion",
+    task_run_name="plan {store}",
+    cache_policy=NO_CACHE,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_on_transient_io,
+)
+def plan_ingestion(
+    store: str,
+    frame_paths: list[str],
+    catalog: str | None,
+    dtype: str,
+    frames_per_chunk: int,
+    strict: bool,
+) -> core_store.IngestionPlan:
+    """Pre-pass over the new frames, fix the store's axes, cut the writer batches."""
+    table = read_catalog(catalog) if catalog else None
+    return core_store.plan_ingestion(
+        store, frame_paths, catalog=table, dtype=dtype, frames_per_chunk=frames_per_chunk, strict=strict
+    )
+
+
+@task(
+    name="ingest-frame-chunk",
+    task_run_name="ingest chunk {batch.chunk} ({batch.frame_ids[0]}..)",
+    cache_policy=NO_CACHE,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_on_transient_io,
+)
+def ingest_frame_chunk(
+    store: str, batch: core_store.FrameBatch, strict: bool
+) -> list[core_store.FrameResult]:
+    """Write one frame chunk (the only writer of that chunk)."""
+    return core_store.ingest_batch(store, batch, strict=strict)
+
+
+@task(name="finalize-ingestion", task_run_name="finalize {store}", cache_policy=NO_CACHE)
+def finalize_ingestion(store: str, results: list[core_store.FrameResult]) -> dict:
+    """Record quarantines and the store's new content version."""
+    return core_store.finalize_ingestion(store, results)
