@@ -1,5 +1,185 @@
-"""The ``photref`` command line (filled in by the ingestion issue)."""
+"""The ``photref`` command line.
+
+Subcommands::
+
+    photref simulate photometry DIR --frames N --stars S --photometries P --seed K
+    photref simulate images DIR --frames N --stars S --size PIX --pixscale ARCSEC --seed K
+    photref ingest STORE FRAMES... [--catalog CAT] [--strict]
+    photref master STORE --catalog CAT --output MASTER.fits [statistics / fit options]
+    photref prf STORE IMAGES... --catalog CAT --output FLUXES.fits [PRF options]
+    photref demo DIR
+
+Every subcommand that runs a flow takes ``--max-workers`` and ``--dask-address``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
 
 
-def main(argv=None):
-    raise SystemExit("photref: not yet implemented")
+def _runner_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("execution")
+    group.add_argument("--max-workers", type=int, default=None, help="threads of the local task runner")
+    group.add_argument(
+        "--dask-address", default=None, help="run the tasks on this Dask scheduler (tcp://host:8786)"
+    )
+
+
+def _cmd_simulate_photometry(args) -> int:
+    from photref_core.simulate import simulate_photometry
+
+    sim = simulate_photometry(
+        args.directory,
+        frames=args.frames,
+        stars=args.stars,
+        photometries=args.photometries,
+        seed=args.seed,
+        fmt=args.format,
+    )
+    print(f"wrote {len(sim.frames)} frames under {os.path.dirname(sim.frames[0])}")
+    print(f"catalog: {sim.catalog}\ntruth:   {sim.truth}")
+    return 0
+
+
+def _cmd_simulate_images(args) -> int:
+    from photref_core.simulate_images import simulate_images
+
+    out = simulate_images(
+        args.directory,
+        n_frames=args.frames,
+        n_stars=args.stars,
+        size=args.size,
+        pixscale=args.pixscale,
+        seed=args.seed,
+    )
+    print(f"wrote {len(out['paths'])} images; catalog: {out['catalog']}; truth: {out['truth']}")
+    return 0
+
+
+def _cmd_ingest(args) -> int:
+    from flows.ingest import run_ingest
+
+    summary = run_ingest(
+        args.store,
+        args.frames,
+        catalog=args.catalog,
+        strict=args.strict,
+        dtype=args.dtype,
+        frames_per_chunk=args.frames_per_chunk,
+        max_workers=args.max_workers,
+        dask_address=args.dask_address,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_master(args) -> int:
+    from flows.master_photref import run_master
+
+    names = (
+        "outlier_threshold",
+        "max_rejection_iterations",
+        "rejection_center",
+        "rejection_units",
+        "min_nobs_median_fraction",
+        "fit_terms",
+        "fit_outlier_threshold",
+        "fit_outlier_average",
+        "fit_max_rej_iter",
+        "scatter_quantity",
+        "block_mib",
+        "frames",
+        "strict",
+    )
+    products = run_master(
+        args.store,
+        args.catalog,
+        args.output,
+        max_workers=args.max_workers,
+        dask_address=args.dask_address,
+        plots=not args.no_plots,
+        **{name: getattr(args, name) for name in names},
+    )
+    print(json.dumps(products, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``photref`` (other modules add their subcommands here)."""
+    parser = argparse.ArgumentParser(prog="photref", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="write a simulated field")
+    sim_sub = sim.add_subparsers(dest="what", required=True)
+    p = sim_sub.add_parser("photometry", help="frame photometry files + catalog + truth (SPEC 1.1, 1.2)")
+    p.add_argument("directory")
+    p.add_argument("--frames", type=int, default=40)
+    p.add_argument("--stars", type=int, default=300)
+    p.add_argument("--photometries", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["fits", "ecsv", "parquet"], default="fits")
+    p.set_defaults(func=_cmd_simulate_photometry)
+    p = sim_sub.add_parser("images", help="pixel frames + catalog + truth (SPEC 1.3)")
+    p.add_argument("directory")
+    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--stars", type=int, default=60)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--pixscale", type=float, default=0.11)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_simulate_images)
+
+    p = sub.add_parser("ingest", help="ingest frame photometry into a store")
+    p.add_argument("store")
+    p.add_argument("frames", nargs="+", help="frame files or glob patterns (quote them)")
+    p.add_argument("--catalog", default=None)
+    p.add_argument("--strict", action="store_true", help="fail on the first bad frame")
+    p.add_argument("--dtype", default="f8", choices=["f8", "f4"])
+    p.add_argument("--frames-per-chunk", type=int, default=16)
+    _runner_options(p)
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("master", help="build the master photometric reference of a store")
+    p.add_argument("store")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--output", required=True, help="master FITS path (statistics table and plots beside it)")
+    p.add_argument("--frames", nargs="+", default=None, help="frame files or globs to ingest first")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad frame")
+    p.add_argument("--outlier-threshold", type=float, default=5.0)
+    p.add_argument("--max-rejection-iterations", type=int, default=10)
+    p.add_argument("--rejection-center", choices=["median", "mean"], default="median")
+    p.add_argument("--rejection-units", choices=["stddev", "meddev", "absolute"], default="meddev")
+    p.add_argument("--min-nobs-median-fraction", type=float, default=0.5)
+    p.add_argument("--fit-terms", default="O2{phot_g_mean_mag}")
+    p.add_argument("--fit-outlier-threshold", type=float, default=3.0)
+    p.add_argument("--fit-outlier-average", choices=["median", "mean"], default="median")
+    p.add_argument("--fit-max-rej-iter", type=int, default=20)
+    p.add_argument("--scatter-quantity", choices=["medianmeddev", "mediandev"], default="medianmeddev")
+    p.add_argument("--block-mib", type=int, default=64, help="memory budget of one out-of-core block")
+    p.add_argument("--no-plots", action="store_true")
+    _runner_options(p)
+    p.set_defaults(func=_cmd_master)
+
+    from flows import demo
+
+    demo.add_subcommand(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``photref`` console script."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    from photref_core.errors import PhotrefError
+
+    try:
+        return args.func(args)
+    except PhotrefError as exc:
+        print(f"photref: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Flow: the master photometric reference (SPEC 3-5), optionally after ingesting new frames.
+
+DAG::
+
+    validate-fit-terms -> [ingest-frames subflow] -> statistics -> scatter-fit -> master-products
+                                                                                  -> summary artifacts
+
+Every step is cached: an unchanged re-run returns at once; new frames change the store's content
+version, so the statistics and everything after them run again; a changed fit threshold re-runs only the
+scatter fit and the products.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from photref_core.fitterms import DEFAULT_FIT_TERMS
+from photref_core.reference import MasterParameters, statistics_path
+from tasks.master import compute_statistics, fit_scatter, store_has_group, validate_fit_terms, write_products
+
+from .ingest import ingest_frames
+from .runners import make_task_runner
+
+
+def _image_markdown(path: str, max_bytes: int = 400_000) -> str:
+    """A PNG for a markdown artifact: inline (data URI) when small, else a link to the file."""
+    data = Path(path).read_bytes()
+    if len(data) <= max_bytes:
+        return f"![{Path(path).name}](data:image/png;base64,{base64.b64encode(data).decode()})"
+    return f"[{Path(path).name}]({Path(path).as_uri()})"
+
+
+def _summary_markdown(products: dict, params: MasterParameters, term_names: list[str]) -> str:
+    lines = [
+        f"# Master photometric reference `{Path(products['master']).name}`",
+        "",
+        f"* master: `{products['master']}`",
+        f"* statistics table: `{products['statistics']}`",
+        f"* frames included: {products['frames_included']}, excluded: {products['frames_excluded']}",
+        f"* fit terms: `{params.fit_terms}` -> {', '.join(term_names)}",
+        "",
+        "| photometry | measured | enough | in fit | rejected by fit | in master | rms (dex) | fits |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in products["photometries"]:
+        lines.append(
+            f"| {row['photometry']} | {row['stars_measured']} | {row['stars_enough']} | {row['stars_in_fit']} "
+            f"| {row['stars_rejected_by_fit']} | {row['stars_in_master']} | {row['fit_rms_dex']:.4f} "
+            f"| {row['n_fits']} |"
+        )
+    for plot in products["plots"]:
+        lines += ["", f"`{plot}`", "", _image_markdown(plot)]
+    return "\n".join(lines)
+
+
+@flow(name="master-photref", flow_run_name="master {output}", task_runner=make_task_runner())
+def build_master_photref(
+    store: str,
+    catalog: str,
+    output: str,
+    frames: list[str] | None = None,
+    strict: bool = False,
+    outlier_threshold: float = 5.0,
+    max_rejection_iterations: int = 10,
+    rejection_center: Literal["median", "mean"] = "median",
+    rejection_units: Literal["stddev", "meddev", "absolute"] = "meddev",
+    min_nobs_median_fraction: float = 0.5,
+    fit_terms: str = DEFAULT_FIT_TERMS,
+    fit_outlier_threshold: float = 3.0,
+    fit_outlier_average: Literal["median", "mean"] = "median",
+    fit_max_rej_iter: int = 20,
+    scatter_quantity: Literal["medianmeddev", "mediandev"] = "medianmeddev",
+    extra_header: dict | None = None,
+    block_mib: int = 64,
+    plots: bool = True,
+) -> dict:
+    """Build the master photometric reference of a store.
+
+    Parameters
+    ----------
+    store : str
+        The field's store (directory or fsspec URL).
+    catalog : str
+        Catalog file (SPEC 1.2): the variables of the fit terms.
+    output : str
+        Master FITS path; the statistics table goes beside it as ``<name>_stat.fits``, plots as PNG.
+    frames : list of str, optional
+        Frame files or globs to ingest first (only new or changed ones are read).
+    strict : bool
+        Fail on a bad frame instead of quarantining it.
+    outlier_threshold, max_rejection_iterations, rejection_center, rejection_units
+        Statistics with iterative rejection (SPEC 3).
+    min_nobs_median_fraction : float
+        Enough-count threshold, as a fraction of the median kept count.
+    fit_terms, fit_outlier_threshold, fit_outlier_average, fit_max_rej_iter, scatter_quantity
+        Scatter fit (SPEC 4, 5).
+    extra_header : dict, optional
+        Keywords for the master's primary header.
+    block_mib : int
+        Memory budget of one out-of-core source block, in MiB.
+    plots : bool
+        Write the PNG plots.
+
+    Returns
+    -------
+    dict
+        Paths of the products and a per-photometry summary.
+    """
+    logger = get_run_logger()
+    store, catalog, output = os.fspath(store), os.fspath(catalog), os.path.abspath(output)
+    params = MasterParameters(
+        outlier_threshold=outlier_threshold,
+        max_rejection_iterations=max_rejection_iterations,
+        rejection_center=rejection_center,
+        rejection_units=rejection_units,
+        min_nobs_median_fraction=min_nobs_median_fraction,
+        fit_terms=fit_terms,
+        fit_outlier_threshold=fit_outlier_threshold,
+        fit_outlier_average=fit_outlier_average,
+        fit_max_rej_iter=fit_max_rej_iter,
+        scatter_quantity=scatter_quantity,
+    )
+    term_names = validate_fit_terms(fit_terms, catalog)
+    if frames:
+        ingest_frames(store=store, frames=frames, catalog=catalog, strict=strict)
+
+    block_bytes = int(block_mib) * 2**20
+    stats_group = compute_statistics(store, params, block_bytes)
+    if not store_has_group(store, stats_group):  # cached, but the result was pruned from the store
+        stats_group = compute_statistics.with_options(refresh_cache=True)(store, params, block_bytes)
+    fit_group = fit_scatter(store, stats_group, catalog, params)
+    if not store_has_group(store, fit_group):
+        fit_group = fit_scatter.with_options(refresh_cache=True)(store, stats_group, catalog, params)
+    products = write_products(store, stats_group, fit_group, catalog, output, params, extra_header, plots)
+    expected = [products["master"], products["statistics"], *products["plots"]]
+    if not all(os.path.exists(p) for p in expected):  # cached, but a product file was deleted
+        products = write_products.with_options(refresh_cache=True)(
+            store, stats_group, fit_group, catalog, output, params, extra_header, plots
+        )
+    logger.info("master written to %s (%s)", products["master"], statistics_path(products["master"]).name)
+
+    create_markdown_artifact(
+        _summary_markdown(products, params, term_names),
+        key="master-photref-summary",
+        description=f"Master photometric reference {output}",
+    )
+    create_table_artifact(
+        [
+            {k: v for k, v in row.items() if k != "coefficients"}
+            | {"coefficients": ", ".join(f"{c:.5g}" for c in row["coefficients"])}
+            for row in products["photometries"]
+        ],
+        key="master-photref-photometries",
+        description="Per-photometry fit summary",
+    )
+    return products
+
+
+def run_master(store, catalog, output, max_workers=None, dask_address=None, **kwargs) -> dict:
+    """Run :func:`build_master_photref` with a chosen task runner (bounded threads or a Dask scheduler)."""
+    runner = make_task_runner(max_workers, dask_address)
+    return build_master_photref.with_options(task_runner=runner)(
+        store=os.fspath(store), catalog=os.fspath(catalog), output=os.fspath(output), **kwargs
+    )

@@ -1,0 +1,129 @@
+"""Prefect tasks of the master photometric reference: statistics, scatter fit, products.
+
+Cache keys come from the store's content version, the parameters that matter for each step, the input
+file identities and the code version of photref_core; never from a hash of a large array. Each step's
+result lives in the store (a group named after its key) or on disk; the tasks return names and paths.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from photref_core import reference
+from photref_core.reference import MasterParameters
+from photref_core.store import open_store
+
+from .common import IO_RETRIES, IO_RETRY_DELAYS, code_version, retry_on_transient_io
+
+
+def _identity(path) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path}:missing"
+    return f"{os.path.abspath(path)}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def _statistics_key(context, parameters) -> str:
+    store = os.fspath(parameters["store"])
+    version = open_store(store).attrs.get("content_version", "")
+    params: MasterParameters = parameters["params"]
+    return reference.digest("statistics", code_version(), store, reference.statistics_key(version, params))
+
+
+def _fit_key(context, parameters) -> str:
+    params: MasterParameters = parameters["params"]
+    return reference.digest(
+        "fit",
+        code_version(),
+        os.fspath(parameters["store"]),
+        parameters["statistics_group"],
+        params.as_dict(),
+        _identity(parameters["catalog"]),
+    )
+
+
+def _products_key(context, parameters) -> str:
+    params: MasterParameters = parameters["params"]
+    return reference.digest(
+        "products",
+        code_version(),
+        os.fspath(parameters["store"]),
+        parameters["statistics_group"],
+        parameters["fit_group"],
+        os.path.abspath(parameters["output"]),
+        params.as_dict(),
+        parameters.get("extra_header"),
+        parameters.get("plots"),
+        _identity(parameters["catalog"]),
+    )
+
+
+@task(name="validate-fit-terms", task_run_name="validate {fit_terms}", cache_policy=NO_CACHE)
+def validate_fit_terms(fit_terms: str, catalog: str) -> list[str]:
+    """Parse the fit-terms expression and check its columns against the catalog, before any work."""
+    return reference.validate_fit_terms(fit_terms, catalog).term_names
+
+
+@task(
+    name="statistics",
+    task_run_name="statistics {store}",
+    cache_key_fn=_statistics_key,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_on_transient_io,
+)
+def compute_statistics(store: str, params: MasterParameters, block_bytes: int) -> str:
+    """Statistics with iterative rejection, out of core; returns the store group of the result."""
+    return reference.compute_statistics(store, params, block_bytes=block_bytes)
+
+
+@task(
+    name="scatter-fit",
+    task_run_name="scatter fit {statistics_group}",
+    cache_key_fn=_fit_key,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_on_transient_io,
+)
+def fit_scatter(store: str, statistics_group: str, catalog: str, params: MasterParameters) -> str:
+    """Enough flags, fit terms, scatter fit and master selection; returns the store group of the result."""
+    return reference.fit_statistics(store, statistics_group, catalog, params)
+
+
+@task(
+    name="master-products",
+    task_run_name="write {output}",
+    cache_key_fn=_products_key,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+    retry_condition_fn=retry_on_transient_io,
+)
+def write_products(
+    store: str,
+    statistics_group: str,
+    fit_group: str,
+    catalog: str,
+    output: str,
+    params: MasterParameters,
+    extra_header: dict | None = None,
+    plots: bool = True,
+) -> dict:
+    """Master FITS, statistics table and plots (atomic writes); returns their paths and a summary."""
+    return reference.write_products(
+        store, statistics_group, fit_group, catalog, output, params, extra_header=extra_header, plots=plots
+    )
+
+
+def store_has_group(store: str, name: str) -> bool:
+    """Whether a cached step's result group is still in the store (else the step must run again)."""
+    import zarr
+
+    try:
+        zarr.open_group(os.fspath(store), path=name, mode="r")
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        return False
+    return True
