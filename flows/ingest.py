@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
+from photref_core.store import store_lock
 from tasks.ingest import finalize_ingestion, ingest_frame_chunk, plan_ingestion
 
 from .runners import make_task_runner
@@ -66,6 +67,7 @@ def ingest_frames(
     strict: bool = False,
     dtype: str = "f8",
     frames_per_chunk: int = 16,
+    lock_timeout: float | None = 0.0,
 ) -> dict:
     """Ingest frame photometry files into ``store`` (created when missing).
 
@@ -83,6 +85,8 @@ def ingest_frames(
         Storage type of magnitudes in a new store ('f8' keeps the input exactly; 'f4' halves the size).
     frames_per_chunk : int
         Frames per chunk in a new store: the unit of work of one writer task.
+    lock_timeout : float or None
+        Seconds to wait for another run on the same store to finish (0: refuse at once; None: wait).
 
     Returns
     -------
@@ -91,41 +95,42 @@ def ingest_frames(
     """
     logger = get_run_logger()
     store = os.fspath(store)
-    paths = expand_frame_paths(frames)
-    plan = plan_ingestion(store, paths, catalog, dtype, frames_per_chunk, strict)
-    logger.info(
-        "%d frame(s): %d to ingest in %d chunk(s), %d unchanged, %d quarantined by the pre-pass",
-        len(paths),
-        plan.n_to_ingest,
-        len(plan.batches),
-        len(plan.skipped),
-        len(plan.quarantined),
-    )
-    progress = create_progress_artifact(
-        0.0, key="ingestion-progress", description=f"Ingesting {plan.n_to_ingest} frames into {store}"
-    )
-    futures = [ingest_frame_chunk.submit(store, batch, strict) for batch in plan.batches]
-    results = []
-    done = 0
-    for future in as_completed(futures):
-        batch_results = future.result()
-        results.extend(batch_results)
-        done += len(batch_results)
-        update_progress_artifact(progress, 100.0 * done / max(plan.n_to_ingest, 1))
-    update_progress_artifact(progress, 100.0)
-    summary = finalize_ingestion(store, results)
-    summary.update(
-        skipped=len(plan.skipped),
-        quarantined_by_prepass=len(plan.quarantined),
-        quarantined=[{"path": p, "reason": q["reason"]} for p, q in plan.quarantined.items()]
-        + [{"path": r.path, "reason": r.reason} for r in results if r.reason],
-    )
-    create_markdown_artifact(
-        _summary_markdown(store, plan, summary, results),
-        key="ingestion-summary",
-        description=f"Ingestion into {store}",
-    )
-    return summary
+    with store_lock(store, timeout=lock_timeout):
+        paths = expand_frame_paths(frames)
+        plan = plan_ingestion(store, paths, catalog, dtype, frames_per_chunk, strict)
+        logger.info(
+            "%d frame(s): %d to ingest in %d chunk(s), %d unchanged, %d quarantined by the pre-pass",
+            len(paths),
+            plan.n_to_ingest,
+            len(plan.batches),
+            len(plan.skipped),
+            len(plan.quarantined),
+        )
+        progress = create_progress_artifact(
+            0.0, key="ingestion-progress", description=f"Ingesting {plan.n_to_ingest} frames into {store}"
+        )
+        futures = [ingest_frame_chunk.submit(store, batch, strict) for batch in plan.batches]
+        results = []
+        done = 0
+        for future in as_completed(futures):
+            batch_results = future.result()
+            results.extend(batch_results)
+            done += len(batch_results)
+            update_progress_artifact(progress, 100.0 * done / max(plan.n_to_ingest, 1))
+        update_progress_artifact(progress, 100.0)
+        summary = finalize_ingestion(store, results)
+        summary.update(
+            skipped=len(plan.skipped),
+            quarantined_by_prepass=len(plan.quarantined),
+            quarantined=[{"path": p, "reason": q["reason"]} for p, q in plan.quarantined.items()]
+            + [{"path": r.path, "reason": r.reason} for r in results if r.reason],
+        )
+        create_markdown_artifact(
+            _summary_markdown(store, plan, summary, results),
+            key="ingestion-summary",
+            description=f"Ingestion into {store}",
+        )
+        return summary
 
 
 def run_ingest(store, frames, catalog=None, max_workers=None, dask_address=None, **kwargs) -> dict:

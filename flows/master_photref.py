@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from photref_core.fitterms import DEFAULT_FIT_TERMS
 from photref_core.reference import MasterParameters, statistics_path
+from photref_core.store import store_lock
 from tasks.master import compute_statistics, fit_scatter, store_has_group, validate_fit_terms, write_products
 
 from .ingest import ingest_frames
@@ -50,9 +51,9 @@ def _summary_markdown(products: dict, params: MasterParameters, term_names: list
     ]
     for row in products["photometries"]:
         lines.append(
-            f"| {row['photometry']} | {row['stars_measured']} | {row['stars_enough']} | {row['stars_in_fit']} "
-            f"| {row['stars_rejected_by_fit']} | {row['stars_in_master']} | {row['fit_rms_dex']:.4f} "
-            f"| {row['n_fits']} |"
+            f"| {row['photometry']} | {row['stars_measured']} | {row['stars_enough']} "
+            f"| {row['stars_in_fit']} | {row['stars_rejected_by_fit']} | {row['stars_in_master']} "
+            f"| {row['fit_rms_dex']:.4f} | {row['n_fits']} |"
         )
     for plot in products["plots"]:
         lines += ["", f"`{plot}`", "", _image_markdown(plot)]
@@ -79,6 +80,7 @@ def build_master_photref(
     extra_header: dict | None = None,
     block_mib: int = 64,
     plots: bool = True,
+    lock_timeout: float | None = 0.0,
 ) -> dict:
     """Build the master photometric reference of a store.
 
@@ -106,6 +108,8 @@ def build_master_photref(
         Memory budget of one out-of-core source block, in MiB.
     plots : bool
         Write the PNG plots.
+    lock_timeout : float or None
+        Seconds to wait for another run on the same store to finish (0: refuse at once; None: wait).
 
     Returns
     -------
@@ -127,39 +131,42 @@ def build_master_photref(
         scatter_quantity=scatter_quantity,
     )
     term_names = validate_fit_terms(fit_terms, catalog)
-    if frames:
-        ingest_frames(store=store, frames=frames, catalog=catalog, strict=strict)
+    with store_lock(store, timeout=lock_timeout):
+        if frames:
+            ingest_frames(
+                store=store, frames=frames, catalog=catalog, strict=strict, lock_timeout=lock_timeout
+            )
 
-    block_bytes = int(block_mib) * 2**20
-    stats_group = compute_statistics(store, params, block_bytes)
-    if not store_has_group(store, stats_group):  # cached, but the result was pruned from the store
-        stats_group = compute_statistics.with_options(refresh_cache=True)(store, params, block_bytes)
-    fit_group = fit_scatter(store, stats_group, catalog, params)
-    if not store_has_group(store, fit_group):
-        fit_group = fit_scatter.with_options(refresh_cache=True)(store, stats_group, catalog, params)
-    products = write_products(store, stats_group, fit_group, catalog, output, params, extra_header, plots)
-    expected = [products["master"], products["statistics"], *products["plots"]]
-    if not all(os.path.exists(p) for p in expected):  # cached, but a product file was deleted
-        products = write_products.with_options(refresh_cache=True)(
-            store, stats_group, fit_group, catalog, output, params, extra_header, plots
+        block_bytes = int(block_mib) * 2**20
+        stats_group = compute_statistics(store, params, block_bytes)
+        if not store_has_group(store, stats_group):  # cached, but the result was pruned from the store
+            stats_group = compute_statistics.with_options(refresh_cache=True)(store, params, block_bytes)
+        fit_group = fit_scatter(store, stats_group, catalog, params)
+        if not store_has_group(store, fit_group):
+            fit_group = fit_scatter.with_options(refresh_cache=True)(store, stats_group, catalog, params)
+        products = write_products(store, stats_group, fit_group, catalog, output, params, extra_header, plots)
+        expected = [products["master"], products["statistics"], *products["plots"]]
+        if not all(os.path.exists(p) for p in expected):  # cached, but a product file was deleted
+            products = write_products.with_options(refresh_cache=True)(
+                store, stats_group, fit_group, catalog, output, params, extra_header, plots
+            )
+        logger.info("master written to %s (%s)", products["master"], statistics_path(products["master"]).name)
+
+        create_markdown_artifact(
+            _summary_markdown(products, params, term_names),
+            key="master-photref-summary",
+            description=f"Master photometric reference {output}",
         )
-    logger.info("master written to %s (%s)", products["master"], statistics_path(products["master"]).name)
-
-    create_markdown_artifact(
-        _summary_markdown(products, params, term_names),
-        key="master-photref-summary",
-        description=f"Master photometric reference {output}",
-    )
-    create_table_artifact(
-        [
-            {k: v for k, v in row.items() if k != "coefficients"}
-            | {"coefficients": ", ".join(f"{c:.5g}" for c in row["coefficients"])}
-            for row in products["photometries"]
-        ],
-        key="master-photref-photometries",
-        description="Per-photometry fit summary",
-    )
-    return products
+        create_table_artifact(
+            [
+                {k: v for k, v in row.items() if k != "coefficients"}
+                | {"coefficients": ", ".join(f"{c:.5g}" for c in row["coefficients"])}
+                for row in products["photometries"]
+            ],
+            key="master-photref-photometries",
+            description="Per-photometry fit summary",
+        )
+        return products
 
 
 def run_master(store, catalog, output, max_workers=None, dask_address=None, **kwargs) -> dict:

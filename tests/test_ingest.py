@@ -409,3 +409,35 @@ def test_quarantined_state_recorded(prefect_server, field, tmp_path):
     fid = Table.read(frames[5]).meta["FRAMEID"]
     assert contents[fid][3] == QUARANTINED
     assert np.isnan(contents[fid][1]).all()
+
+
+LOCK_HOLDER = """
+import sys, time
+from photref_core.store import store_lock
+with store_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_second_run_on_a_locked_store_is_refused_then_proceeds(prefect_server, field, tmp_path):
+    """Another process holds the store: a run refuses at once; once the holder dies (SIGKILL), it runs."""
+    root, frames, catalog = field
+    store = tmp_path / "store.zarr"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(store)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError, match="another photref run is using this store"):
+            run_ingest(store, [str(p) for p in frames], catalog=catalog)
+        assert not store.exists()  # refused before touching anything
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    summary = run_ingest(store, [str(p) for p in frames], catalog=catalog)
+    assert summary["ingested_now"] == len(frames)
