@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import base64
 import os
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
 
 from photref_core.fitterms import DEFAULT_FIT_TERMS
 from photref_core.reference import MasterParameters, statistics_path
@@ -58,6 +60,15 @@ def _summary_markdown(products: dict, params: MasterParameters, term_names: list
     for plot in products["plots"]:
         lines += ["", f"`{plot}`", "", _image_markdown(plot)]
     return "\n".join(lines)
+
+
+def _run_step(task, args: tuple, still_valid):
+    """Run a cached step; when its cached result has gone since (a pruned store group, a deleted file),
+    run it again with a fresh cache entry."""
+    result = task.submit(*args).result()
+    if not still_valid(result):
+        result = task.with_options(refresh_cache=True).submit(*args).result()
+    return result
 
 
 @flow(name="master-photref", flow_run_name="master {output}", task_runner=make_task_runner())
@@ -133,23 +144,23 @@ def build_master_photref(
     term_names = validate_fit_terms(fit_terms, catalog)
     with store_lock(store, timeout=lock_timeout):
         if frames:
-            ingest_frames(
+            # The ingestion subflow runs on this run's task runner (threads or the Dask cluster).
+            runner = FlowRunContext.get().task_runner.duplicate()
+            ingest_frames.with_options(task_runner=runner)(
                 store=store, frames=frames, catalog=catalog, strict=strict, lock_timeout=lock_timeout
             )
 
+        # Each step is submitted to the task runner (so it runs on the Dask cluster when there is one)
+        # and awaited: the next step needs its result.
         block_bytes = int(block_mib) * 2**20
-        stats_group = compute_statistics(store, params, block_bytes)
-        if not store_has_group(store, stats_group):  # cached, but the result was pruned from the store
-            stats_group = compute_statistics.with_options(refresh_cache=True)(store, params, block_bytes)
-        fit_group = fit_scatter(store, stats_group, catalog, params)
-        if not store_has_group(store, fit_group):
-            fit_group = fit_scatter.with_options(refresh_cache=True)(store, stats_group, catalog, params)
-        products = write_products(store, stats_group, fit_group, catalog, output, params, extra_header, plots)
-        expected = [products["master"], products["statistics"], *products["plots"]]
-        if not all(os.path.exists(p) for p in expected):  # cached, but a product file was deleted
-            products = write_products.with_options(refresh_cache=True)(
-                store, stats_group, fit_group, catalog, output, params, extra_header, plots
-            )
+        has_group = partial(store_has_group, store)
+        stats_group = _run_step(compute_statistics, (store, params, block_bytes), has_group)
+        fit_group = _run_step(fit_scatter, (store, stats_group, catalog, params), has_group)
+        products = _run_step(
+            write_products,
+            (store, stats_group, fit_group, catalog, output, params, extra_header, plots),
+            lambda p: all(os.path.exists(f) for f in [p["master"], p["statistics"], *p["plots"]]),
+        )
         logger.info("master written to %s (%s)", products["master"], statistics_path(products["master"]).name)
 
         create_markdown_artifact(

@@ -77,8 +77,19 @@ def validate_fit_terms(fit_terms: str, catalog: str) -> list[str]:
     retry_condition_fn=retry_on_transient_io,
 )
 def compute_statistics(store: str, params: MasterParameters, block_bytes: int) -> str:
-    """Statistics with iterative rejection, out of core; returns the store group of the result."""
-    return reference.compute_statistics(store, params, block_bytes=block_bytes)
+    """Statistics with iterative rejection, out of core; returns the store group of the result.
+
+    On a Dask worker (the flow was pointed at a ``distributed`` scheduler) the source blocks are spread
+    over the whole cluster through ``worker_client``; elsewhere dask's local threads compute them.
+    """
+    try:
+        from distributed import get_worker, worker_client
+
+        get_worker()
+    except (ImportError, ValueError):
+        return reference.compute_statistics(store, params, block_bytes=block_bytes)
+    with worker_client():
+        return reference.compute_statistics(store, params, block_bytes=block_bytes)
 
 
 @task(
