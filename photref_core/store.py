@@ -727,3 +727,72 @@ def store_lock(store, timeout: float | None = 0.0, poll: float = 0.2):
             handle.truncate()
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             handle.close()
+
+
+def store_from_arrays(
+    store,
+    source_id: np.ndarray,
+    frame_id: Sequence[str],
+    time: np.ndarray | None = None,
+    in_catalog: np.ndarray | None = None,
+    n_photometries: int = 1,
+    dtype="f8",
+    frames_per_chunk: int = DEFAULT_FRAMES_PER_CHUNK,
+    fill=None,
+) -> zarr.Group:
+    """Create a store of the given axes directly (no frame files): for benchmarks, tests and imports.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Where to create it (must not hold a photref store yet).
+    source_id, frame_id, time, in_catalog
+        The axes; ``time`` defaults to NaN, ``in_catalog`` to True.
+    n_photometries, dtype, frames_per_chunk
+        As for :func:`plan_ingestion`.
+    fill : callable, optional
+        ``fill(f0, f1) -> (mag, mag_err)`` giving frames f0..f1-1 as arrays of shape
+        (f1 - f0, nsources, P); called once per frame chunk, so memory stays at one chunk row. The frames
+        are marked ingested as they are written.
+
+    Returns
+    -------
+    zarr.Group
+    """
+    url = _url(store)
+    if store_exists(url):
+        raise StoreError(f"{url}: a photref store exists there already")
+    group = _create_store(url, n_photometries, dtype, frames_per_chunk)
+    n_src, n_frames = len(source_id), len(frame_id)
+    source_chunk = _source_axis_chunking(group, n_src)
+    for name in ("mag", "mag_err"):
+        attrs = group[name].attrs.asdict()
+        del group[name]
+        group.create_array(
+            name,
+            shape=(n_frames, n_src, n_photometries),
+            chunks=(frames_per_chunk, source_chunk, n_photometries),
+            dtype=dtype,
+            fill_value=np.nan,
+            dimension_names=DATA_DIMS,
+            attributes=attrs,
+        )
+    for name in ("source_id", "in_catalog"):
+        group[name].resize((n_src,))
+    for name in _FRAME_META + ("frame_state",):
+        group[name].resize((n_frames,))
+    group["source_id"][:] = np.asarray(source_id, dtype=np.uint64)
+    group["in_catalog"][:] = True if in_catalog is None else np.asarray(in_catalog, bool)
+    group["frame_id"][:] = np.asarray(frame_id, dtype=np.dtypes.StringDType())
+    group["frame_path"][:] = np.full(n_frames, "", dtype=np.dtypes.StringDType())
+    if time is not None:
+        group["time"][:] = np.asarray(time, dtype=np.float64)
+    if fill is not None:
+        for f0 in range(0, n_frames, frames_per_chunk):
+            f1 = min(f0 + frames_per_chunk, n_frames)
+            mag, mag_err = fill(f0, f1)
+            group["mag"][f0:f1] = mag
+            group["mag_err"][f0:f1] = mag_err
+            group["frame_state"][f0:f1] = INGESTED
+    group.attrs["content_version"] = content_version(url)
+    return group
