@@ -198,8 +198,8 @@ def nightly_master(
     settings : NightlySettings
         The field (store, catalog, frames glob, master path) and the SPEC 3-5 parameters.
     dask_address : str, optional
-        Run the master's tasks on this existing Dask ``distributed`` scheduler (``tcp://host:8786``)
-        instead of local threads.
+        Run the tasks (the ingestion fan-out and the master's steps) on this existing Dask
+        ``distributed`` scheduler (``tcp://host:8786``) instead of local threads.
     max_workers : int, optional
         Threads of the local task runner (default: the number of cores, at most 4); ignored with
         ``dask_address``.
