@@ -203,7 +203,9 @@ def fit_statistics(store, statistics_group: str, catalog_path, params: MasterPar
     source_ids = stats["source_id"].values
     in_catalog = stats["in_catalog"].values
     columns = _catalog_columns(catalog, source_ids, in_catalog)
-    enough = enough_flags(stats["rejected_count"].values, params.min_nobs_median_fraction)
+    enough = enough_flags(
+        stats["rejected_count"].values, params.min_nobs_median_fraction, full_count=stats["full_count"].values
+    )
     scatter_all = stats[params.scatter_quantity].values
     nsrc, nphot = scatter_all.shape
     out = {k: np.zeros((nsrc, nphot), bool) for k in ("usable", "in_fit", "in_master")}

@@ -80,7 +80,10 @@ def test_master_products_follow_the_spec(prefect_server, field, tmp_path):
     results = load_results(store, products_groups(store)["statistics"], products_groups(store)["fit"])
     for name in ("full_count", "rejected_count", "magnitude", "mediandev", "medianmeddev", "mag_err"):
         np.testing.assert_array_equal(results[name].values, expected[name].values)
-    np.testing.assert_array_equal(results["enough"].values, enough_flags(expected["rejected_count"].values))
+    np.testing.assert_array_equal(
+        results["enough"].values,
+        enough_flags(expected["rejected_count"].values, full_count=expected["full_count"].values),
+    )
 
     # The inclusion rule, recomputed here from the stored excess.
     excess = results["scatter_excess"].values
