@@ -107,6 +107,42 @@ def _cmd_master(args) -> int:
     return 0
 
 
+def _cmd_prf(args) -> int:
+    from flows.prf import run_prf
+
+    frame_index = args.frame_index if args.frame_index == "mean" else int(args.frame_index)
+    time_mask = None if args.time_mask is None else [bool(int(v)) for v in args.time_mask.split(",")]
+    names = (
+        "sources_flux_column",
+        "n_r_knots",
+        "n_phi_knots",
+        "rmin",
+        "rmax",
+        "cut_r",
+        "sparse_dist_lim",
+        "flux_cut_off",
+        "prior_mu",
+        "prior_sigma",
+        "fit_background",
+        "strict",
+    )
+    products = run_prf(
+        args.store,
+        args.images,
+        args.catalog,
+        args.output,
+        max_workers=args.max_workers,
+        dask_address=args.dask_address,
+        frame_index=frame_index,
+        time_mask=time_mask,
+        bin_data=args.bin_data or False,
+        plot=not args.no_plot,
+        **{n: getattr(args, n) for n in names},
+    )
+    print(json.dumps(products, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``photref`` (other modules add their subcommands here)."""
     parser = argparse.ArgumentParser(prog="photref", description=__doc__.splitlines()[0])
@@ -125,9 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sim_sub.add_parser("images", help="pixel frames + catalog + truth (SPEC 1.3)")
     p.add_argument("directory")
     p.add_argument("--frames", type=int, default=20)
-    p.add_argument("--stars", type=int, default=60)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--pixscale", type=float, default=0.11)
+    p.add_argument("--stars", type=int, default=40)
+    p.add_argument("--size", type=int, default=200, help="pixels on a side")
+    p.add_argument("--pixscale", type=float, default=0.11, help="arcsec per pixel")
+    p.add_argument("--min-separation", type=float, default=24.0, help="pixels between unpaired stars")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_simulate_images)
 
@@ -161,6 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     _runner_options(p)
     p.set_defaults(func=_cmd_master)
+
+    p = sub.add_parser("prf", help="PRF photometry: ingest images, build the shape model, fit all fluxes")
+    p.add_argument("store")
+    p.add_argument("images", nargs="+", help="image files or glob patterns (quote them)")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--output", required=True, help="long-format flux table (FITS)")
+    p.add_argument("--flux-column", dest="sources_flux_column", default="flux")
+    p.add_argument("--n-r-knots", type=int, default=10)
+    p.add_argument("--n-phi-knots", type=int, default=15)
+    p.add_argument("--rmin", type=float, default=0.1, help="arcsec")
+    p.add_argument("--rmax", type=float, default=2.0, help="arcsec")
+    p.add_argument("--cut-r", type=float, default=0.2, help="arcsec")
+    p.add_argument("--sparse-dist-lim", type=float, default=4.0, help="arcsec")
+    p.add_argument(
+        "--time-mask", default=None, help="comma-separated 0/1 per frame: frames for the shape model"
+    )
+    p.add_argument("--flux-cut-off", type=float, default=None, help="data units")
+    p.add_argument("--frame-index", default="mean", help="'mean' or a frame index")
+    p.add_argument("--bin-data", type=int, default=0, help="bin the shape fit on an NxN grid (0: off)")
+    p.add_argument("--prior-mu", type=float, default=None)
+    p.add_argument("--prior-sigma", type=float, default=None)
+    p.add_argument("--fit-background", action="store_true")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--no-plot", action="store_true")
+    _runner_options(p)
+    p.set_defaults(func=_cmd_prf)
 
     from flows import demo
 

@@ -1,8 +1,9 @@
 """``photref demo DIR``: simulate a small field and run the whole pipeline on it.
 
-Leaves in DIR: the simulated inputs (``photometry/``), the store (``field.zarr``), the master FITS
-(``master.fits``), its statistics table (``master_stat.fits``), the plots (``master_*.png``) and a
-``summary.md``. Without a ``PREFECT_API_URL`` the flows run on Prefect's temporary embedded server.
+Leaves in DIR: the simulated inputs (``photometry/``, ``images/``), the store (``field.zarr``), the master
+FITS (``master.fits``), its statistics table (``master_stat.fits``), the plots (``master_*.png``), the PRF
+fluxes (``prf_fluxes.fits``) and shape-model plot (``prf_fluxes_prf.png``), and ``summary.md``.
+Without a ``PREFECT_API_URL`` the flows run on Prefect's temporary embedded server.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from pathlib import Path
 
 
 def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 3, seed: int = 1) -> dict:
-    """Simulate a field, ingest it and build its master; returns what was written."""
+    """Simulate a field, ingest it and build its master, then a small PRF run; returns what was written."""
     from photref_core.simulate import simulate_photometry
+    from photref_core.simulate_images import simulate_images
 
     from .master_photref import run_master
+    from .prf import run_prf
 
     out = Path(directory).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -30,6 +33,17 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
         out / "field.zarr", sim.catalog, out / "master.fits", frames=[str(p) for p in sim.frames]
     )
     t_master = time.perf_counter() - t0
+    # A small PRF field (0.11"/pix, dec 70, 40 stars with crowded pairs and variables) with rmax 1.1".
+    t0 = time.perf_counter()
+    images = simulate_images(out / "images", n_frames=12, n_stars=40, size=200, min_separation=24, seed=seed)
+    prf = run_prf(
+        out / "field.zarr",
+        [str(p) for p in images["paths"]],
+        images["catalog"],
+        out / "prf_fluxes.fits",
+        rmax=1.1,
+    )
+    t_prf = time.perf_counter() - t0
     summary = {
         "inputs": {
             "frames": len(sim.frames),
@@ -40,7 +54,12 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
         },
         "store": str(out / "field.zarr"),
         "master": products,
-        "seconds": {"simulate": round(t_sim, 2), "ingest+master flow": round(t_master, 2)},
+        "prf": prf,
+        "seconds": {
+            "simulate": round(t_sim, 2),
+            "ingest+master flow": round(t_master, 2),
+            "simulate images + prf flow": round(t_prf, 2),
+        },
     }
     lines = [
         "# photref demo",
@@ -59,6 +78,12 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
             f"{r['stars_rejected_by_fit']} | {r['fit_rms_dex']:.4f} |"
             for r in products["photometries"]
         ],
+    ]
+    lines += [
+        "",
+        f"PRF photometry of {prf['n_frames']} simulated images x {prf['n_sources']} sources: "
+        f"fluxes in `{prf['fluxes']}`, shape model plot `{prf['plot']}` "
+        f"(median PRF fraction on the frame {prf['median_source_psf_fraction']:.4f}).",
     ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

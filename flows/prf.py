@@ -1,0 +1,150 @@
+"""Flow: PRF photometry of a field's images (SPEC 6).
+
+DAG::
+
+    plan-image-ingestion -> ingest-image-chunk x N -> finalize-image-ingestion
+        -> prf-shape-model -> create-flux-arrays -> prf-fit-chunk x M (parallel) -> prf-products
+
+The shape model is cached on the images ingested, the PRF parameters, the catalog file and the code
+version; each frame chunk's fit is cached on the model and its frames, so an unchanged re-run and a run
+killed half-way redo nothing that was done.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+
+from photref_core.pixels import frame_chunks, prf_model_key
+from photref_core.prf import PRFParameters
+from photref_core.store import store_lock
+from tasks.prf import build_model, create_fluxes, finalize_images, fit_chunk, ingest_image_chunk, plan_images
+from tasks.prf import write_products as write_prf_products
+
+from .master_photref import _image_markdown
+from .runners import make_task_runner
+
+
+@flow(name="prf-photometry", flow_run_name="prf {store}", task_runner=make_task_runner())
+def solve_prf(
+    store: str,
+    images: list[str],
+    catalog: str,
+    output: str,
+    sources_flux_column: str = "flux",
+    n_r_knots: int = 10,
+    n_phi_knots: int = 15,
+    rmin: float = 0.1,
+    rmax: float = 2.0,
+    cut_r: float = 0.2,
+    sparse_dist_lim: float = 4.0,
+    time_mask: list[bool] | None = None,
+    flux_cut_off: float | None = None,
+    frame_index: Literal["mean"] | int = "mean",
+    bin_data: bool | int = False,
+    prior_mu: float | None = None,
+    prior_sigma: float | None = None,
+    fit_background: bool = False,
+    strict: bool = False,
+    frames_per_chunk: int = 8,
+    plot: bool = True,
+    lock_timeout: float | None = 0.0,
+) -> dict:
+    """Ingest images, build the field's PRF shape model, fit every source's flux in every frame.
+
+    Parameters
+    ----------
+    store : str
+        The field's store (created if missing); images go to its group ``prf``.
+    images : list of str
+        Image files or globs (SPEC 1.3).
+    catalog : str
+        Sources: ``source_id``, ``ra``, ``dec`` and the flux-estimate column.
+    output : str
+        Long-format flux table (FITS): frame_id, source_id, flux, flux_err, flag. A PNG of the shape
+        model is written beside it (``<name>_prf.png``).
+    sources_flux_column, n_r_knots, n_phi_knots, rmin, rmax, cut_r, sparse_dist_lim, time_mask,
+    flux_cut_off, frame_index, bin_data, prior_mu, prior_sigma, fit_background
+        The PRF parameters (psfmachine / RomanCuts ``Machine`` names; radii in arcsec).
+    strict : bool
+        Fail on a bad image instead of quarantining it.
+    frames_per_chunk : int
+        Frames per chunk of a new pixel group: the unit of one ingestion and one fit task.
+    plot : bool
+        Write the shape-model PNG.
+    lock_timeout : float or None
+        Seconds to wait for another run on the same store (0: refuse at once; None: wait).
+
+    Returns
+    -------
+    dict
+        Paths of the products, counts and the median fraction of the sources' PRF on the frames.
+    """
+    from flows.ingest import expand_frame_paths
+
+    store, catalog, output = os.fspath(store), os.fspath(catalog), os.path.abspath(output)
+    params = PRFParameters(
+        n_r_knots=n_r_knots,
+        n_phi_knots=n_phi_knots,
+        rmin=rmin,
+        rmax=rmax,
+        cut_r=cut_r,
+        sparse_dist_lim=sparse_dist_lim,
+        sources_flux_column=sources_flux_column,
+        time_mask=time_mask,
+        flux_cut_off=flux_cut_off,
+        frame_index=frame_index,
+        bin_data=bin_data,
+        prior_mu=prior_mu,
+        prior_sigma=prior_sigma,
+        fit_background=fit_background,
+    )
+    with store_lock(store, timeout=lock_timeout):
+        plan = plan_images(store, expand_frame_paths(images), strict, frames_per_chunk)
+        futures = [ingest_image_chunk.submit(store, batch, strict) for batch in plan.batches]
+        results = [r for f in futures for r in f.result()]
+        ingestion = finalize_images(store, results)
+
+        key = prf_model_key(store, params, catalog)
+        model_group = build_model(store, catalog, params, key)
+        flux_group = create_fluxes(store, model_group, key)
+        chunks = frame_chunks(store)
+        progress = create_progress_artifact(0.0, key="prf-fit-progress", description=f"PRF fits of {store}")
+        done = 0
+        for future in as_completed([fit_chunk.submit(store, model_group, flux_group, s) for s in chunks]):
+            done += future.result()
+            update_progress_artifact(progress, 100.0 * done / max(sum(map(len, chunks)), 1))
+        products = write_prf_products(store, model_group, flux_group, output, plot)
+
+    quarantined = [(p, q["reason"]) for p, q in plan.quarantined.items()]
+    quarantined += [(r.path, r.reason) for r in results if r.reason]
+    lines = [
+        f"# PRF photometry of `{store}`",
+        "",
+        f"* images: {ingestion['frames_ingested_total']} ingested ({len(plan.skipped)} unchanged, "
+        f"{len(quarantined)} quarantined now)",
+        f"* sources: {products['n_sources']}; flagged (frame, source) values: {products['flagged']}",
+        f"* median fraction of a source's PRF on the frame: {products['median_source_psf_fraction']:.4f}",
+        f"* fluxes: `{products['fluxes']}`",
+        *[f"* quarantined: `{p}`: {reason}" for p, reason in quarantined],
+    ]
+    if products["plot"]:
+        lines += ["", _image_markdown(products["plot"])]
+    create_markdown_artifact("\n".join(lines), key="prf-summary", description=f"PRF photometry {output}")
+    return products | {"ingestion": ingestion}
+
+
+def run_prf(store, images, catalog, output, max_workers=None, dask_address=None, **kwargs) -> dict:
+    """Run :func:`solve_prf` with a chosen task runner (bounded threads or a Dask scheduler)."""
+    runner = make_task_runner(max_workers, dask_address)
+    return solve_prf.with_options(task_runner=runner)(
+        store=os.fspath(store),
+        images=[os.fspath(i) for i in images],
+        catalog=os.fspath(catalog),
+        output=os.fspath(output),
+        **kwargs,
+    )

@@ -1,0 +1,90 @@
+"""Prefect tasks of PRF photometry: image ingestion, shape model, per-frame-chunk flux fits, products."""
+
+from __future__ import annotations
+
+import os
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from photref_core import pixels
+from photref_core.prf import PRFParameters
+
+from .common import IO_RETRIES, IO_RETRY_DELAYS, code_version, retry_on_transient_io
+
+_IO = {
+    "retries": IO_RETRIES,
+    "retry_delay_seconds": IO_RETRY_DELAYS,
+    "retry_condition_fn": retry_on_transient_io,
+}
+
+
+@task(name="plan-image-ingestion", task_run_name="plan images {store}", cache_policy=NO_CACHE, **_IO)
+def plan_images(store: str, images: list[str], strict: bool, frames_per_chunk: int):
+    """Pre-pass over the new images; fix the pixel group's frame axis; cut writer batches."""
+    return pixels.plan_image_ingestion(store, images, frames_per_chunk=frames_per_chunk, strict=strict)
+
+
+@task(name="ingest-image-chunk", task_run_name="images chunk {batch.chunk}", cache_policy=NO_CACHE, **_IO)
+def ingest_image_chunk(store: str, batch, strict: bool):
+    """Write one frame chunk of images (its only writer)."""
+    return pixels.ingest_image_batch(store, batch, strict=strict)
+
+
+@task(name="finalize-image-ingestion", cache_policy=NO_CACHE)
+def finalize_images(store: str, results: list) -> dict:
+    """Record quarantines and the images' content version."""
+    return pixels.finalize_image_ingestion(store, results)
+
+
+def _model_key(context, parameters) -> str:
+    return f"prf-model-{code_version()}-{parameters['key']}"
+
+
+@task(name="prf-shape-model", task_run_name="shape model {key}", cache_key_fn=_model_key, **_IO)
+def build_model(store: str, catalog: str, params: PRFParameters, key: str) -> str:
+    """Fit the field's shape model; returns its store group."""
+    return pixels.build_prf_model(store, catalog, params, key)
+
+
+@task(name="create-flux-arrays", cache_policy=NO_CACHE)
+def create_fluxes(store: str, model_group: str, key: str) -> str:
+    """Flux arrays at full size before the fit fan-out."""
+    return pixels.create_flux_arrays(store, model_group, key)
+
+
+def _fit_key(context, parameters) -> str:
+    slots = parameters["slots"]
+    return f"prf-fit-{code_version()}-{parameters['flux_group']}-{slots[0]}-{slots[-1]}-{len(slots)}"
+
+
+@task(name="prf-fit-chunk", task_run_name="fit frames from {slots[0]}", cache_key_fn=_fit_key, **_IO)
+def fit_chunk(store: str, model_group: str, flux_group: str, slots: list[int]) -> int:
+    """Fluxes of every source in one frame chunk (grouped sparse solve)."""
+    return pixels.fit_frame_chunk(store, model_group, flux_group, slots)
+
+
+@task(name="prf-products", task_run_name="write {output}", cache_policy=NO_CACHE, **_IO)
+def write_products(store: str, model_group: str, flux_group: str, output: str, plot: bool) -> dict:
+    """The long-format flux table, the shape-model plot and the PSF metrics."""
+    import numpy as np
+
+    table_path = pixels.write_flux_table(store, flux_group, output, model_group)
+    model = pixels.load_prf_model(store, model_group)
+    metrics = model.get_psf_metrics()
+    plot_path = None
+    if plot:
+        plot_path = os.path.splitext(table_path)[0] + "_prf.png"
+        model.plot_shape_model(plot_path)
+    table = pixels.flux_table(store, flux_group)
+    fraction = np.asarray(metrics.source_psf_fraction)
+    return {
+        "fluxes": table_path,
+        "plot": plot_path,
+        "model_group": model_group,
+        "flux_group": flux_group,
+        "n_sources": int(model.nsources),
+        "n_frames": int(len(table) // max(model.nsources, 1)),
+        "flagged": int((np.asarray(table["flag"]) != 0).sum()),
+        "median_source_psf_fraction": float(np.nanmedian(fraction)) if fraction.size else float("nan"),
+    }

@@ -1,0 +1,142 @@
+"""The PRF flow on a real Prefect server: pixel store, fluxes equal the core's, caching, bad images."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from photref_core.pixels import read_image
+from photref_core.prf import PRFModel, PRFParameters
+
+
+@pytest.fixture(scope="module")
+def image_field(tmp_path_factory):
+    from photref_core.simulate_images import simulate_images
+
+    return simulate_images(
+        tmp_path_factory.mktemp("images"), n_frames=10, n_stars=30, size=160, min_separation=24, seed=11
+    )
+
+
+@pytest.fixture
+def images(image_field, tmp_path):
+    dst = tmp_path / "images"
+    shutil.copytree(Path(image_field["catalog"]).parent, dst)
+    return sorted((dst / "frames").glob("*.fits")), dst / "catalog.fits", dst / "truth.fits"
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            return {r.name: r.state.name for r in runs}
+
+    return asyncio.run(read())
+
+
+def run(store, paths, catalog, output, **kw):
+    from flows.prf import solve_prf
+
+    state = solve_prf(
+        store=str(store),
+        images=[str(p) for p in paths],
+        catalog=str(catalog),
+        output=str(output),
+        rmax=1.1,
+        return_state=True,
+        **kw,
+    )
+    return state.result(), task_states(state.state_details.flow_run_id)
+
+
+def test_prf_flow_matches_core_and_is_cached(prefect_server, image_field, images, tmp_path):
+    paths, catalog, truth = images
+    store, output = tmp_path / "s.zarr", tmp_path / "fluxes.fits"
+    products, states = run(store, paths, catalog, output)
+
+    # The pixel store holds exactly the frames.
+    import xarray as xr
+
+    ds = xr.open_zarr(str(store), group="prf", consolidated=False)
+    assert ds["flux"].dims == ("frame", "pixel")
+    by_id = {str(f): k for k, f in enumerate(ds.frame_id.values)}
+    cubes = {"flux": [], "flux_err": [], "mask": []}
+    for p in paths:
+        image = read_image(p)
+        k = by_id[image["frame_id"]]
+        for name in cubes:
+            np.testing.assert_array_equal(ds[name].values[k], image[name].ravel())
+            cubes[name].append(image[name])
+
+    # The fluxes equal the core's direct build + fit on the same data.
+    cat = Table.read(catalog)
+    wcs = WCS(fits.getheader(paths[0]))
+    model = PRFModel.build(
+        np.array(cubes["flux"]),
+        np.array(cubes["flux_err"]),
+        wcs,
+        np.asarray(cat["ra"]),
+        np.asarray(cat["dec"]),
+        np.asarray(cat["flux"], float),
+        source_ids=np.asarray(cat["source_id"]).astype(np.int64),
+        params=PRFParameters(rmax=1.1),
+        mask=np.array(cubes["mask"]),
+    )
+    direct = model.fit(np.array(cubes["flux"]), np.array(cubes["flux_err"]), mask=np.array(cubes["mask"]))
+    table = Table.read(output)
+    assert table.colnames == ["frame_id", "source_id", "flux", "flux_err", "flag"]
+    assert table["source_id"].dtype.kind == "i" and table["source_id"].dtype.itemsize == 8
+    assert table["flux"].dtype.kind == "f" and table["flux"].dtype.itemsize == 8
+    assert len(table) == len(paths) * len(cat)
+    frame_ids = [read_image(p, header_only=True)["frame_id"] for p in paths]
+    for t, fid in enumerate(frame_ids):
+        rows = table[table["frame_id"] == fid]
+        np.testing.assert_array_equal(np.asarray(rows["source_id"]), np.asarray(cat["source_id"]))
+        np.testing.assert_allclose(rows["flux"], direct.flux[t], rtol=1e-9)
+        np.testing.assert_allclose(rows["flux_err"], direct.flux_err[t], rtol=1e-9)
+    # Isolated stars agree with the truth (flux inside rmax = total x encircled energy) to about 1 %.
+    tr = Table.read(truth)
+    from photref_core.simulate_images import encircled_energy
+
+    ee = encircled_energy(1.1 / 0.11, prf=image_field["prf"])
+    isolated = (tr["pair_id"] < 0) & ~tr["edge"]
+    expect = {(str(r["frame_id"]), int(r["source_id"])): r["flux"] * ee for r in tr[isolated]}
+    rel = [
+        row["flux"] / expect[(str(row["frame_id"]), int(row["source_id"]))] - 1
+        for row in table
+        if (str(row["frame_id"]), int(row["source_id"])) in expect
+    ]
+    assert len(rel) > 100 and np.median(np.abs(rel)) < 0.01
+    assert Path(products["plot"]).exists()
+
+    # Unchanged re-run: the model and every fit come from the cache.
+    again, states2 = run(store, paths, catalog, output)
+    assert again["model_group"] == products["model_group"]
+    assert states2[f"shape model {products['model_group'].split('model-')[1]}"] == "Cached"
+    assert all(v == "Cached" for k, v in states2.items() if k.startswith("fit frames"))
+    assert not any(k.startswith("images chunk") for k in states2)
+
+
+def test_bad_images_are_quarantined(prefect_server, images, tmp_path):
+    paths, catalog, truth = images
+    paths[0].write_bytes(paths[0].read_bytes()[:2000])
+    fits.writeto(paths[1], np.zeros((160, 160), np.float32), overwrite=True)  # no WCS
+    products, _ = run(tmp_path / "s.zarr", paths, catalog, tmp_path / "f.fits")
+    from photref_core.pixels import _open
+
+    q = _open(tmp_path / "s.zarr").attrs["quarantine"]
+    assert "cannot read the image" in q[str(paths[0])]["reason"]
+    assert "no celestial WCS" in q[str(paths[1])]["reason"]
+    assert products["n_frames"] == len(paths) - 2
