@@ -125,6 +125,8 @@ def _cmd_prf(args) -> int:
         "prior_sigma",
         "fit_background",
         "strict",
+        "as_photometry",
+        "zero_point",
     )
     products = run_prf(
         args.store,
@@ -222,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-background", action="store_true")
     p.add_argument("--strict", action="store_true")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--as-photometry",
+        action="store_true",
+        help="add the PSF magnitudes to the store's photometry (one more photometry, 'psf')",
+    )
+    p.add_argument("--zero-point", type=float, default=25.0, help="of the --as-photometry magnitudes")
     _runner_options(p)
     p.set_defaults(func=_cmd_prf)
 

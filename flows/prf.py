@@ -22,7 +22,15 @@ from prefect.futures import as_completed
 from photref_core.pixels import frame_chunks, prf_model_key
 from photref_core.prf import PRFParameters
 from photref_core.store import store_lock
-from tasks.prf import build_model, create_fluxes, finalize_images, fit_chunk, ingest_image_chunk, plan_images
+from tasks.prf import (
+    add_psf_photometry,
+    build_model,
+    create_fluxes,
+    finalize_images,
+    fit_chunk,
+    ingest_image_chunk,
+    plan_images,
+)
 from tasks.prf import write_products as write_prf_products
 
 from .master_photref import _image_markdown
@@ -52,6 +60,8 @@ def solve_prf(
     strict: bool = False,
     frames_per_chunk: int = 8,
     plot: bool = True,
+    as_photometry: bool = False,
+    zero_point: float = 25.0,
     lock_timeout: float | None = 0.0,
 ) -> dict:
     """Ingest images, build the field's PRF shape model, fit every source's flux in every frame.
@@ -76,6 +86,11 @@ def solve_prf(
         Frames per chunk of a new pixel group: the unit of one ingestion and one fit task.
     plot : bool
         Write the shape-model PNG.
+    as_photometry : bool
+        Also add the fluxes as magnitudes (``zero_point - 2.5 log10 flux``) to the store's photometry,
+        as one more photometry named ``psf``, so the master flow uses them.
+    zero_point : float
+        Magnitude zero point of ``as_photometry``.
     lock_timeout : float or None
         Seconds to wait for another run on the same store (0: refuse at once; None: wait).
 
@@ -119,6 +134,8 @@ def solve_prf(
             done += future.result()
             update_progress_artifact(progress, 100.0 * done / max(sum(map(len, chunks)), 1))
         products = write_prf_products(store, model_group, flux_group, output, plot)
+        if as_photometry:
+            products["psf_photometry"] = add_psf_photometry(store, flux_group, zero_point)
 
     quarantined = [(p, q["reason"]) for p, q in plan.quarantined.items()]
     quarantined += [(r.path, r.reason) for r in results if r.reason]

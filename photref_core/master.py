@@ -165,7 +165,9 @@ def _set_card(header: fits.Header, key: str, value: Any, comment: str | None = N
     if isinstance(value, tuple) and len(value) == 2:
         value, comment = value
     value = _ascii_header_value(value)
-    if comment is None:
+    # A long string continues over CONTINUE cards, where astropy would truncate a comment with a
+    # warning: such a value goes without its comment (the keyword names are documented anyway).
+    if comment is None or (isinstance(value, str) and len(value) + len(comment) > 60):
         header[key] = value
     else:
         header[key] = (value, comment)

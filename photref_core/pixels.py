@@ -505,3 +505,43 @@ def prf_model_key(store, params: PRFParameters, catalog_path) -> str:
         default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def add_psf_photometry(store, flux_group: str, zero_point: float = 25.0, name: str = "psf") -> dict:
+    """Add the PRF fluxes to the field's photometry store as one more photometry (SPEC 6).
+
+    mag = zero_point - 2.5 log10(flux), mag_err = 2.5 / ln(10) x flux_err / flux; fluxes that are not
+    positive or are flagged give NaN (missing). Adding the same flux group twice changes nothing; a new
+    PRF run replaces the photometry ``name`` in place.
+    """
+    from .store import add_photometry, store_exists
+    from .store import open_store as open_photometry
+
+    url = os.fspath(store)
+    if store_exists(url) and open_photometry(url).attrs.get("photometry_origin", {}).get(name) == flux_group:
+        return {"photometry": open_photometry(url).attrs["photometry_names"].index(name), "unchanged": True}
+    group = _open(store)
+    out = zarr.open_group(url, path=flux_group, mode="r")
+    slots = ingested_frames(store)
+    flux = out["flux"].get_orthogonal_selection((slots, slice(None)))
+    err = out["flux_err"].get_orthogonal_selection((slots, slice(None)))
+    flag = out["flag"].get_orthogonal_selection((slots, slice(None)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        good = (flux > 0) & np.isfinite(err) & (err > 0) & (flag == 0)
+        mag = np.where(good, zero_point - 2.5 * np.log10(flux), np.nan)
+        mag_err = np.where(good, 2.5 / np.log(10) * err / flux, np.nan)
+    frame_ids = [str(f) for f in group["frame_id"].get_orthogonal_selection((slots,))]
+    result = add_photometry(
+        url,
+        frame_ids,
+        np.asarray(out["source_id"][...]),
+        mag,
+        mag_err,
+        name,
+        time=group["time"].get_orthogonal_selection((slots,)),
+    )
+    root = zarr.open_group(url, mode="r+")
+    origin = dict(root.attrs.get("photometry_origin", {}))
+    origin[name] = flux_group
+    root.attrs["photometry_origin"] = origin
+    return result

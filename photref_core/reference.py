@@ -233,7 +233,11 @@ def fit_statistics(store, statistics_group: str, catalog_path, params: MasterPar
             "rms": ("photometry", rms),
             "n_fits": ("photometry", n_fits),
         },
-        coords={"source_id": ("source", source_ids), "term_name": ("term", terms.term_names)},
+        coords={
+            "source_id": ("source", source_ids),
+            # object strings are stored as zarr variable-length strings (fixed-width ones are not in the spec)
+            "term_name": ("term", np.array(terms.term_names, dtype=object)),
+        },
         attrs={
             "statistics_group": statistics_group,
             "parameters": json.dumps(params.as_dict()),

@@ -172,7 +172,7 @@ def _create_store(url, n_phot, dtype, frames_per_chunk) -> zarr.Group:
     group = zarr.open_group(url, mode="a")
     if "photref_schema" in group.attrs:
         return group
-    if len(group) or group.attrs.asdict():
+    if set(group.keys()) - {"prf", "results"} or group.attrs.asdict():
         raise StoreError(f"{url}: exists and is not a photref store; choose an empty location")
     itemsize = np.dtype(dtype).itemsize
     chunks = choose_chunks(0, n_phot, itemsize, frames_per_chunk)
@@ -312,7 +312,11 @@ def plan_ingestion(
 
     scanned = _scan(to_scan, scan_workers)
     headers: list[FrameHeader] = []
-    n_phot = group.attrs["n_photometries"] if group is not None else None
+    # Frame files carry the first n_file_photometries photometries; later ones (PSF photometry from the
+    # PRF flow) are added by add_photometry.
+    n_phot = (
+        group.attrs.get("n_file_photometries", group.attrs["n_photometries"]) if group is not None else None
+    )
     if n_phot is None:
         counts = [h.n_photometries for h in scanned if isinstance(h, FrameHeader)]
         if counts:
@@ -394,7 +398,7 @@ def plan_ingestion(
                     dimension_names=DATA_DIMS,
                     attributes=attrs,
                 )
-            arr.resize((n_frames, n_sources, n_phot))
+            arr.resize((n_frames, n_sources, arr.shape[2]))  # P includes added photometries
         group["source_id"].resize((n_sources,))
         group["in_catalog"].resize((n_sources,))
         for name in _FRAME_META + ("frame_state",):
@@ -496,6 +500,7 @@ def ingest_batch(store, batch: FrameBatch, strict: bool = False, reader=read_fra
     """
     group = open_store(store, "r+")
     mag_arr, err_arr = group["mag"], group["mag_err"]
+    n_file_phot = group.attrs.get("n_file_photometries", mag_arr.shape[2])
     source_ids = group["source_id"][:]
     sorter = np.argsort(source_ids, kind="stable")
     sorted_ids = source_ids[sorter]
@@ -506,15 +511,15 @@ def ingest_batch(store, batch: FrameBatch, strict: bool = False, reader=read_fra
     results = []
     for slot, path, frame_id in zip(batch.slots, batch.paths, batch.frame_ids, strict=True):
         k = slot - lo
-        mag[k] = np.nan
-        err[k] = np.nan
+        mag[k, :, :n_file_phot] = np.nan
+        err[k, :, :n_file_phot] = np.nan
         try:
             frame = reader(path)
             if frame.header.frame_id != frame_id:
                 raise BadInputError(path, f"FRAMEID changed from {frame_id!r} to {frame.header.frame_id!r}")
-            if frame.mag.shape[1] != mag.shape[2]:
+            if frame.mag.shape[1] != n_file_phot:
                 raise BadInputError(
-                    path, f"has {frame.mag.shape[1]} photometries, the store has {mag.shape[2]}"
+                    path, f"has {frame.mag.shape[1]} photometries, the store has {n_file_phot}"
                 )
             good = valid_measurements(frame.mag, frame.mag_err)
             if not good.any():
@@ -524,14 +529,14 @@ def ingest_batch(store, batch: FrameBatch, strict: bool = False, reader=read_fra
             if not np.array_equal(sorted_ids[pos], frame.header.source_id):
                 raise BadInputError(path, "has source ids that were not in it when the ingestion was planned")
             cols = sorter[pos]
-            mag[k, cols] = frame.mag
-            err[k, cols] = frame.mag_err
+            mag[k, cols, :n_file_phot] = frame.mag
+            err[k, cols, :n_file_phot] = frame.mag_err
             states[k] = INGESTED
             results.append(FrameResult(path, frame_id, slot, INGESTED, None, int(good.sum())))
         except BadInputError as exc:
             if strict:
                 raise
-            mag[k] = np.nan
+            mag[k] = np.nan  # a quarantined frame keeps no photometry at all
             err[k] = np.nan
             states[k] = QUARANTINED
             results.append(FrameResult(path, frame_id, slot, QUARANTINED, exc.problem, 0))
@@ -562,7 +567,9 @@ def content_version(store) -> str:
             h.update("\0".join(map(str, values)).encode())
         else:
             h.update(np.ascontiguousarray(values).tobytes())
-    h.update(str(group["mag"].dtype).encode())
+    h.update(
+        f"{group['mag'].dtype} {group['mag'].shape} {group.attrs.get('photometry_revision', 0)}".encode()
+    )
     return h.hexdigest()[:16]
 
 
@@ -796,3 +803,115 @@ def store_from_arrays(
             group["frame_state"][f0:f1] = INGESTED
     group.attrs["content_version"] = content_version(url)
     return group
+
+
+def add_photometry(
+    store,
+    frame_id: Sequence[str],
+    source_id: np.ndarray,
+    mag: np.ndarray,
+    mag_err: np.ndarray,
+    name: str,
+    time: np.ndarray | None = None,
+) -> dict:
+    """Add one photometry (e.g. PSF magnitudes from the PRF flow) to the photometry store.
+
+    The photometry axis grows by one; values go to the frames (matched by FRAMEID) and sources (by id)
+    the store has, and the others are reported, not added. A store that does not exist yet is created
+    with these frames and sources (P = 1). Frame files ingested later fill only the photometries files
+    carry (``n_file_photometries``); the added one stays NaN for them until it is added again.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        The photometry store (its root group).
+    frame_id : sequence of str
+        FRAMEID of each row of ``mag``.
+    source_id : array_like
+        Source id of each column of ``mag``.
+    mag, mag_err : numpy.ndarray
+        (frames, sources) magnitudes and errors (NaN where missing).
+    name : str
+        Name of the photometry (recorded in the ``photometry_names`` attribute).
+    time : array_like, optional
+        Frame times (JD), used only when the store is created.
+
+    Returns
+    -------
+    dict
+        ``photometry`` (the index of the photometry; a name already present is replaced in place),
+        ``frames_matched``, ``frames_unknown``,
+        ``sources_matched``, ``sources_unknown``.
+    """
+    url = _url(store)
+    frame_id = [str(f) for f in frame_id]
+    source_id = np.asarray(source_id)
+    if source_id.dtype.kind not in "iu":  # ids through a float lose digits: refuse, never round
+        raise ValueError(f"source_id must be integers, not {source_id.dtype}")
+    source_id = source_id.astype(np.uint64)
+    mag = np.asarray(mag, dtype=np.float64)
+    mag_err = np.asarray(mag_err, dtype=np.float64)
+    if not store_exists(url):
+        order = np.argsort(source_id)
+        group = store_from_arrays(
+            url,
+            source_id[order],
+            frame_id,
+            time=time,
+            n_photometries=1,
+            fill=lambda f0, f1: (mag[f0:f1, order, None], mag_err[f0:f1, order, None]),
+        )
+        group.attrs.update({"n_file_photometries": 0, "photometry_names": [name]})
+        group.attrs["content_version"] = content_version(url)
+        return {
+            "photometry": 0,
+            "frames_matched": len(frame_id),
+            "frames_unknown": 0,
+            "sources_matched": int(source_id.size),
+            "sources_unknown": 0,
+        }
+    group = open_store(url, "r+")
+    n_frames, n_src, n_phot = group["mag"].shape
+    names = list(group.attrs.get("photometry_names", [f"file {i}" for i in range(n_phot)]))
+    slot = {str(f): k for k, f in enumerate(group["frame_id"][:])}
+    ids = group["source_id"][:]
+    sorter = np.argsort(ids)
+    pos = np.clip(np.searchsorted(ids[sorter], source_id), 0, max(ids.size - 1, 0))
+    known_src = ids[sorter][pos] == source_id if ids.size else np.zeros(source_id.size, bool)
+    cols = sorter[pos[known_src]]
+    rows = [(slot[f], i) for i, f in enumerate(frame_id) if f in slot]
+    if name in names:  # the same photometry again (e.g. a new PRF run): replace it in place
+        index = names.index(name)
+    else:
+        index = n_phot
+        names.append(name)
+        for arr in (group["mag"], group["mag_err"]):
+            arr.resize((n_frames, n_src, n_phot + 1))
+    fpc = group["mag"].chunks[0]
+    by_chunk: dict[int, list] = {}
+    for s, i in rows:
+        by_chunk.setdefault(s // fpc, []).append((s, i))
+    for chunk_rows in by_chunk.values():
+        lo = min(s for s, _ in chunk_rows)
+        hi = max(s for s, _ in chunk_rows) + 1
+        for arr, values in ((group["mag"], mag), (group["mag_err"], mag_err)):
+            block = np.full((hi - lo, n_src), np.nan)
+            for s, i in chunk_rows:
+                block[s - lo, cols] = values[i, known_src]
+            arr[lo:hi, :, index] = block
+    group.attrs.update(
+        {
+            "n_photometries": len(names),
+            "n_file_photometries": group.attrs.get("n_file_photometries", n_phot),
+            "photometry_names": names,
+            "photometry_revision": int(group.attrs.get("photometry_revision", 0)) + 1,
+        }
+    )
+    group.attrs["content_version"] = content_version(url)
+    return {
+        "photometry": index,
+        "frames_matched": len(rows),
+        "frames_unknown": len(frame_id) - len(rows),
+        "sources_matched": int(known_src.sum()),
+        "sources_unknown": int((~known_src).sum()),
+    }

@@ -88,3 +88,9 @@ def write_products(store: str, model_group: str, flux_group: str, output: str, p
         "flagged": int((np.asarray(table["flag"]) != 0).sum()),
         "median_source_psf_fraction": float(np.nanmedian(fraction)) if fraction.size else float("nan"),
     }
+
+
+@task(name="add-psf-photometry", task_run_name="psf photometry into {store}", cache_policy=NO_CACHE, **_IO)
+def add_psf_photometry(store: str, flux_group: str, zero_point: float) -> dict:
+    """PRF fluxes as magnitudes, added to the photometry store as one more photometry (idempotent)."""
+    return pixels.add_psf_photometry(store, flux_group, zero_point=zero_point)

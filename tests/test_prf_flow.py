@@ -140,3 +140,79 @@ def test_bad_images_are_quarantined(prefect_server, images, tmp_path):
     assert "cannot read the image" in q[str(paths[0])]["reason"]
     assert "no celestial WCS" in q[str(paths[1])]["reason"]
     assert products["n_frames"] == len(paths) - 2
+
+
+def test_psf_photometry_feeds_the_master(prefect_server, images, tmp_path):
+    """--as-photometry: the PRF fluxes become a photometry of the store and the master flow uses them."""
+    from flows.master_photref import build_master_photref
+    from photref_core.master import read_master
+    from photref_core.store import open_store
+
+    paths, catalog, truth = images
+    store = tmp_path / "s.zarr"
+    products, _ = run(store, paths, catalog, tmp_path / "f.fits", as_photometry=True, zero_point=25.0)
+    assert products["psf_photometry"]["photometry"] == 0
+    again, _ = run(store, paths, catalog, tmp_path / "f.fits", as_photometry=True, zero_point=25.0)
+    assert again["psf_photometry"] == {"photometry": 0, "unchanged": True}
+    group = open_store(store)
+    assert group.attrs["photometry_names"] == ["psf"] and group["mag"].shape[2] == 1
+
+    table = Table.read(tmp_path / "f.fits")
+    master = build_master_photref(
+        store=str(store),
+        catalog=str(catalog),
+        output=str(tmp_path / "m.fits"),
+        fit_terms="O1{magnitude}",
+        min_nobs_median_fraction=0.0,
+    )
+    phot = read_master(master["master"])["photometries"][0]
+    assert len(phot) > 10
+    for row in phot[:10]:
+        fluxes = table["flux"][table["source_id"] == int(row["source_id"])]
+        assert row["magnitude"] == pytest.approx(25.0 - 2.5 * np.log10(np.median(fluxes)), abs=0.02)
+
+
+def test_add_photometry_to_an_existing_store(small_field, tmp_path):
+    """A PSF photometry added to a P=3 store becomes photometry 3; later frame files still ingest."""
+    from photref_core.io import read_catalog
+    from photref_core.store import (
+        add_photometry,
+        finalize_ingestion,
+        ingest_batch,
+        open_store,
+        plan_ingestion,
+    )
+
+    frames = sorted(Path(small_field.frames[0]).parent.glob("*.fits"))
+    store = tmp_path / "s.zarr"
+    cat = read_catalog(small_field.catalog)
+    plan = plan_ingestion(store, frames[:20], catalog=cat)
+    finalize_ingestion(store, [r for b in plan.batches for r in ingest_batch(store, b)])
+    group = open_store(store)
+    fids = [str(f) for f in group["frame_id"][:]][:5] + ["not-a-frame"]
+    ids = np.concatenate([group["source_id"][:10], np.array([12345], dtype=np.uint64)])
+    values = np.arange(6 * 11, dtype=float).reshape(6, 11)
+    version = group.attrs["content_version"]
+    out = add_photometry(store, fids, ids, values, values / 100 + 0.01, "psf")
+    assert out == {
+        "photometry": 3,
+        "frames_matched": 5,
+        "frames_unknown": 1,
+        "sources_matched": 10,
+        "sources_unknown": 1,
+    }
+    group = open_store(store)
+    assert group["mag"].shape[2] == 4 and group.attrs["content_version"] != version
+    np.testing.assert_array_equal(group["mag"][:5, :10, 3], values[:5, :10])
+    assert np.isnan(group["mag"][5:, :, 3]).all() and np.isnan(group["mag"][:5, 10:, 3]).all()
+    before = group["mag"][:5, :, :3]
+    # The same name again replaces in place; new frame files fill photometries 0-2 only.
+    add_photometry(store, fids, ids, values + 1, values / 100 + 0.01, "psf")
+    plan = plan_ingestion(store, frames, catalog=cat)
+    results = [r for b in plan.batches for r in ingest_batch(store, b)]
+    assert all(r.reason is None for r in results) and len(results) == len(frames) - 20
+    group = open_store(store)
+    assert group["mag"].shape[2] == 4
+    np.testing.assert_array_equal(group["mag"][:5, :10, 3], values[:5, :10] + 1)
+    np.testing.assert_array_equal(group["mag"][:5, :, :3], before)
+    assert np.isnan(group["mag"][20:, :, 3]).all() and np.isfinite(group["mag"][20:, :, :3]).any()
