@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", default=None)
     p.add_argument("--strict", action="store_true", help="fail on the first bad frame")
     p.add_argument("--dtype", default="f8", choices=["f8", "f4"])
-    p.add_argument("--frames-per-chunk", type=int, default=16)
+    p.add_argument("--frames-per-chunk", type=int, default=None, help="default: ~2 MiB chunks")
     _runner_options(p)
     p.set_defaults(func=_cmd_ingest)
 

@@ -66,7 +66,7 @@ def ingest_frames(
     catalog: str | None = None,
     strict: bool = False,
     dtype: str = "f8",
-    frames_per_chunk: int = 16,
+    frames_per_chunk: int | None = None,
     lock_timeout: float | None = 0.0,
 ) -> dict:
     """Ingest frame photometry files into ``store`` (created when missing).
@@ -83,8 +83,8 @@ def ingest_frames(
         Fail the run on the first bad frame instead of quarantining it.
     dtype : str
         Storage type of magnitudes in a new store ('f8' keeps the input exactly; 'f4' halves the size).
-    frames_per_chunk : int
-        Frames per chunk in a new store: the unit of work of one writer task.
+    frames_per_chunk : int, optional
+        Frames per chunk in a new store: the unit of work of one writer task (default: ~2 MiB chunks).
     lock_timeout : float or None
         Seconds to wait for another run on the same store to finish (0: refuse at once; None: wait).
 

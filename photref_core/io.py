@@ -1,20 +1,20 @@
 """Reading frame photometry and catalogs (SPEC 1.1, 1.2).
 
-FITS binary tables are read with ``astropy.io.fits`` directly (about 1.5 ms a frame here, against 2.3 ms
-through ``Table.read``); every other format ``astropy.table.Table.read`` can open (ECSV, Parquet, ...) goes
-through ``Table.read``.  Every problem raises :class:`~photref_core.errors.BadInputError` naming the file.
+FITS binary tables are read with fitsio (cfitsio: 0.3 ms a frame of 896 stars x 7 photometries here,
+against 1.5 ms with ``astropy.io.fits`` and 2.3 ms through ``Table.read``); every other format
+``astropy.table.Table.read`` can open (ECSV, Parquet, ...) goes through ``Table.read``. Every problem
+raises :class:`~photref_core.errors.BadInputError` naming the file.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import fitsio
 import numpy as np
-from astropy.io import fits
 from astropy.table import Table
 from astropy.time import Time
 
@@ -156,29 +156,23 @@ class _OpenedFrame:
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise BadInputError(self.path, "file does not exist")
-        self._hdul = None
+        self._fits = None
         try:
             if is_fits(self.path):
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    self._hdul = fits.open(self.path, memmap=False)
-                    hdu = next((h for h in self._hdul if isinstance(h, fits.BinTableHDU)), None)
-                    if hdu is None:
-                        raise BadInputError(self.path, "no binary table extension in the FITS file")
-                    self.data = hdu.data
-                truncated = [w for w in caught if "truncated" in str(w.message)]
-                if truncated:
-                    # astropy reads a truncated file with a warning and garbage rows: refuse it.
-                    raise BadInputError(
-                        self.path, f"cannot read the table (truncated: {truncated[0].message})"
-                    )
-                if self.data is None:
-                    raise BadInputError(self.path, "the binary table is empty")
-                header = dict(self._hdul[0].header)
-                header.update(hdu.header)
+                # fitsio (cfitsio) reads a frame about 4x faster than astropy.io.fits here.
+                self._fits = fitsio.FITS(self.path)
+                hdu = next((h for h in self._fits if h.get_exttype() == "BINARY_TBL"), None)
+                if hdu is None:
+                    raise BadInputError(self.path, "no binary table extension in the FITS file")
+                header = {r["name"]: r["value"] for r in self._fits[0].read_header().records() if r["name"]}
+                header.update({r["name"]: r["value"] for r in hdu.read_header().records() if r["name"]})
                 self.meta = header
-                self.names = list(self.data.columns.names)
-                self.shapes = {n: self.data[n].shape[1:] for n in self.names if n in ("mag", "mag_err")}
+                self.data = hdu
+                dtype = hdu.get_rec_dtype()[0]
+                self.names = list(dtype.names)
+                self.shapes = {n: dtype[n].shape for n in self.names if n in ("mag", "mag_err")}
+                if hdu.get_nrows() == 0:
+                    raise BadInputError(self.path, "the binary table is empty")
             else:
                 table = Table.read(self.path)
                 self.data = table
@@ -199,14 +193,17 @@ class _OpenedFrame:
 
     def column(self, name) -> np.ndarray:
         try:
+            if self._fits is not None:
+                values = self.data.read_column(name)
+                return values.astype(values.dtype.newbyteorder("="), copy=False)
             return np.asarray(self.data[name])
         except Exception as exc:
             raise BadInputError(self.path, f"cannot read column '{name}' ({exc})") from exc
 
     def close(self):
-        if self._hdul is not None:
-            self._hdul.close()
-            self._hdul = None
+        if self._fits is not None:
+            self._fits.close()
+            self._fits = None
 
     def __enter__(self):
         return self

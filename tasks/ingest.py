@@ -28,7 +28,7 @@ def plan_ingestion(
     frame_paths: list[str],
     catalog: str | None,
     dtype: str,
-    frames_per_chunk: int,
+    frames_per_chunk: int | None,
     strict: bool,
 ) -> core_store.IngestionPlan:
     """Pre-pass over the new frames, fix the store's axes, cut the writer batches."""
