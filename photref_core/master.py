@@ -30,6 +30,7 @@ import os
 import pathlib
 import re
 import secrets
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -165,9 +166,7 @@ def _set_card(header: fits.Header, key: str, value: Any, comment: str | None = N
     if isinstance(value, tuple) and len(value) == 2:
         value, comment = value
     value = _ascii_header_value(value)
-    # A long string continues over CONTINUE cards, where astropy would truncate a comment with a
-    # warning: such a value goes without its comment (the keyword names are documented anyway).
-    if comment is None or (isinstance(value, str) and len(value) + len(comment) > 60):
+    if comment is None:
         header[key] = value
     else:
         header[key] = (value, comment)
@@ -313,7 +312,11 @@ def _atomic_writeto(hdul: fits.HDUList, path: str | os.PathLike, overwrite: bool
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as stream:
-            hdul.writeto(stream, checksum=True)
+            with warnings.catch_warnings():
+                # A long FITTERMS or STORE continues over CONTINUE cards and astropy shortens its
+                # comment, warning each time: expected, and the value itself is kept whole.
+                warnings.filterwarnings("ignore", message="Card is too long, comment will be truncated")
+                hdul.writeto(stream, checksum=True)
             stream.flush()
             os.fsync(stream.fileno())
         if overwrite:
