@@ -32,13 +32,16 @@ from .io import _frame_id_from_meta, _time_from_meta, is_transient, read_catalog
 from .prf import PRFModel, PRFParameters, default_error
 from .store import (
     INGESTED,
-    PENDING,
     QUARANTINED,
     SCHEMA_VERSION,
     FrameBatch,
     FrameResult,
     IngestionPlan,
+    assign_slots,
+    create_frame_axis,
+    cut_batches,
     file_identity,
+    write_frame_axis,
 )
 
 GROUP = "prf"
@@ -206,66 +209,37 @@ def plan_image_ingestion(
                 dimension_names=["frame", "pixel"],
                 attributes={"coordinates": "frame_id time"},
             )
-        for name, dtype in (
-            ("frame_id", str),
-            ("frame_path", str),
-            ("wcs_header", str),
-            ("time", "f8"),
-            ("frame_mtime_ns", "i8"),
-            ("frame_size", "i8"),
-        ):
-            group.create_array(name, shape=(0,), chunks=(4096,), dtype=dtype, dimension_names=["frame"])
-        group.create_array(
-            "frame_state",
-            shape=(0,),
-            chunks=(frames_per_chunk,),
-            dtype="i1",
-            fill_value=0,
-            dimension_names=["frame"],
-        )
+        create_frame_axis(group, frames_per_chunk, extra_strings=("wcs_header",))
         group.attrs.update({"photref_schema": SCHEMA_VERSION, "image_shape": list(shape), "quarantine": {}})
     n_old = group["frame_id"].shape[0]
-    slot_for, next_slot = {}, n_old
-    for path, h in good:
-        if h["frame_id"] in slot_of_id:
-            slot_for[path] = slot_of_id[h["frame_id"]]
-        else:
-            slot_for[path] = next_slot
-            next_slot += 1
+    slots, next_slot = assign_slots([h["frame_id"] for _, h in good], slot_of_id, n_old)
     if next_slot != n_old:
         for name in ("flux", "flux_err", "mask"):
             group[name].resize((next_slot, npix))
         for name in _META + ("frame_state",):
             group[name].resize((next_slot,))
-    if good:
-        lo = min(slot_for.values())
-        hi = max(slot_for.values()) + 1
-        block = {n: group[n][lo:hi] for n in _META}
-        state = group["frame_state"][lo:hi]
-        for path, h in good:
-            k = slot_for[path] - lo
-            block["frame_id"][k], block["time"][k] = h["frame_id"], h["time"]
-            block["frame_path"][k], block["wcs_header"][k] = path, h["wcs_header"]
-            block["frame_mtime_ns"][k], block["frame_size"][k] = identities[path]
-            state[k] = PENDING
-        for n in _META:
-            group[n][lo:hi] = block[n]
-        group["frame_state"][lo:hi] = state
-    fpc = group["flux"].chunks[0]
-    batches: dict[int, FrameBatch] = {}
-    for path, h in sorted(good, key=lambda item: slot_for[item[0]]):
-        slot = slot_for[path]
-        b = batches.setdefault(slot // fpc, FrameBatch(chunk=slot // fpc, slots=[], paths=[], frame_ids=[]))
-        b.slots.append(slot)
-        b.paths.append(path)
-        b.frame_ids.append(h["frame_id"])
+    write_frame_axis(
+        group,
+        slots,
+        {
+            "frame_id": [h["frame_id"] for _, h in good],
+            "time": [h["time"] for _, h in good],
+            "frame_path": [path for path, _ in good],
+            "wcs_header": [h["wcs_header"] for _, h in good],
+            "frame_mtime_ns": [identities[path][0] for path, _ in good],
+            "frame_size": [identities[path][1] for path, _ in good],
+        },
+    )
+    batches = cut_batches(
+        slots, [path for path, _ in good], [h["frame_id"] for _, h in good], group["flux"].chunks[0]
+    )
     if quarantined:
         q = dict(group.attrs.get("quarantine", {}))
         q.update(quarantined)
         group.attrs["quarantine"] = q
     return IngestionPlan(
         store=url,
-        batches=list(batches.values()),
+        batches=batches,
         skipped=skipped,
         quarantined=quarantined,
         n_frames=next_slot,

@@ -156,6 +156,73 @@ class IngestionPlan:
         return sum(len(b.slots) for b in self.batches)
 
 
+def create_frame_axis(group, frames_per_chunk: int, extra_strings: Sequence[str] = ()) -> None:
+    """Create the per-frame arrays of a group (size 0): ``frame_id``, ``frame_path``, ``time``, the file
+    identity, any ``extra_strings`` (e.g. a WCS header) and the completion marker ``frame_state``, whose
+    chunks are the frame chunks of the data (one writer owns both)."""
+    meta_chunk = 4096
+    for name in ("frame_id", "frame_path", *extra_strings):
+        group.create_array(name, shape=(0,), chunks=(meta_chunk,), dtype=str, dimension_names=["frame"])
+    group.create_array(
+        "time", shape=(0,), chunks=(meta_chunk,), dtype="f8", fill_value=np.nan, dimension_names=["frame"]
+    )
+    for name in ("frame_mtime_ns", "frame_size"):
+        group.create_array(name, shape=(0,), chunks=(meta_chunk,), dtype="i8", dimension_names=["frame"])
+    group.create_array(
+        "frame_state",
+        shape=(0,),
+        chunks=(frames_per_chunk,),
+        dtype="i1",
+        fill_value=0,
+        dimension_names=["frame"],
+    )
+
+
+def assign_slots(frame_ids: Sequence[str], slot_of_id: dict[str, int], n_old: int) -> tuple[list[int], int]:
+    """Slots of new or changed frames: a FRAMEID already on the axis keeps its slot (re-ingestion
+    overwrites it), a new one is appended. Returns the slots and the new length of the frame axis."""
+    slots, next_slot = [], n_old
+    for frame_id in frame_ids:
+        if frame_id in slot_of_id:
+            slots.append(slot_of_id[frame_id])
+        else:
+            slots.append(next_slot)
+            next_slot += 1
+    return slots, next_slot
+
+
+def write_frame_axis(group, slots: Sequence[int], values: dict[str, Sequence]) -> None:
+    """Write per-frame metadata (``values``: array name -> one value per slot) and reset the frames'
+    markers to pending, in one read-modify-write of the slot range (no writer runs now)."""
+    if not slots:
+        return
+    lo, hi = min(slots), max(slots) + 1
+    rows = np.asarray(slots) - lo
+    for name, column in values.items():
+        block = group[name][lo:hi]
+        for k, value in zip(rows, column, strict=True):
+            block[k] = value
+        group[name][lo:hi] = block
+    state = group["frame_state"][lo:hi]
+    state[rows] = PENDING
+    group["frame_state"][lo:hi] = state
+
+
+def cut_batches(
+    slots: Sequence[int], paths: Sequence[str], frame_ids: Sequence[str], fpc: int
+) -> list[FrameBatch]:
+    """Group frames by frame chunk: one writer batch per chunk, so no two writers share a chunk."""
+    by_chunk: dict[int, FrameBatch] = {}
+    for slot, path, frame_id in sorted(zip(slots, paths, frame_ids, strict=True)):
+        batch = by_chunk.setdefault(
+            slot // fpc, FrameBatch(chunk=slot // fpc, slots=[], paths=[], frame_ids=[])
+        )
+        batch.slots.append(slot)
+        batch.paths.append(path)
+        batch.frame_ids.append(frame_id)
+    return list(by_chunk.values())
+
+
 def _scan(paths: Sequence[str], workers: int) -> list[FrameHeader | BadInputError]:
     def one(path):
         try:
@@ -213,22 +280,7 @@ def _create_store(url, n_phot, dtype, frames_per_chunk) -> zarr.Group:
     group.create_array(
         "in_catalog", shape=(0,), chunks=(65536,), dtype=bool, fill_value=False, dimension_names=["source"]
     )
-    meta_chunk = 4096
-    group.create_array("frame_id", shape=(0,), chunks=(meta_chunk,), dtype=str, dimension_names=["frame"])
-    group.create_array("frame_path", shape=(0,), chunks=(meta_chunk,), dtype=str, dimension_names=["frame"])
-    group.create_array(
-        "time", shape=(0,), chunks=(meta_chunk,), dtype="f8", fill_value=np.nan, dimension_names=["frame"]
-    )
-    for name in ("frame_mtime_ns", "frame_size"):
-        group.create_array(name, shape=(0,), chunks=(meta_chunk,), dtype="i8", dimension_names=["frame"])
-    group.create_array(
-        "frame_state",
-        shape=(0,),
-        chunks=(frames_per_chunk,),
-        dtype="i1",
-        fill_value=0,
-        dimension_names=["frame"],
-    )
+    create_frame_axis(group, frames_per_chunk)
     group.attrs.update(
         {
             "photref_schema": SCHEMA_VERSION,
@@ -393,15 +445,7 @@ def plan_ingestion(
 
     # --- frame axis: existing slots reused by FRAMEID, new frames appended ----------------------------
     n_old = group["frame_id"].shape[0]
-    slot_for = {}
-    next_slot = n_old
-    for h in headers:
-        if h.frame_id in slot_of_id:
-            slot_for[h.path] = slot_of_id[h.frame_id]
-        else:
-            slot_for[h.path] = next_slot
-            next_slot += 1
-    n_frames = next_slot
+    slots, n_frames = assign_slots([h.frame_id for h in headers], slot_of_id, n_old)
 
     # --- resize and write the axes (no writer runs now) ----------------------------------------------
     if n_sources != old_ids.size or n_frames != n_old:
@@ -423,39 +467,23 @@ def plan_ingestion(
     if in_catalog is not None:
         group["in_catalog"][:] = in_catalog
 
-    if headers:
-        slots = np.array([slot_for[h.path] for h in headers])
-        order = np.argsort(slots)
-        lo, hi = int(slots.min()), int(slots.max()) + 1
-        block = {name: group[name][lo:hi] for name in _FRAME_META}
-        state = group["frame_state"][lo:hi]
-        for i in order:
-            h = headers[i]
-            k = slot_for[h.path] - lo
-            block["frame_id"][k] = h.frame_id
-            block["time"][k] = h.time
-            block["frame_path"][k] = h.path
-            block["frame_mtime_ns"][k], block["frame_size"][k] = identities[h.path]
-            state[k] = PENDING
-        for name in _FRAME_META:
-            group[name][lo:hi] = block[name]
-        # Resetting the markers of re-ingested frames happens here, before any writer runs.
-        group["frame_state"][lo:hi] = state
-
+    write_frame_axis(
+        group,
+        slots,
+        {
+            "frame_id": [h.frame_id for h in headers],
+            "time": [h.time for h in headers],
+            "frame_path": [h.path for h in headers],
+            "frame_mtime_ns": [identities[h.path][0] for h in headers],
+            "frame_size": [identities[h.path][1] for h in headers],
+        },
+    )
     for slot in bad_slots:
         group["frame_state"][slot] = QUARANTINED
 
-    # --- batches: the new frames grouped by frame chunk ---------------------------------------------------
-    fpc = group["mag"].chunks[0]
-    by_chunk: dict[int, FrameBatch] = {}
-    for h in sorted(headers, key=lambda h: slot_for[h.path]):
-        slot = slot_for[h.path]
-        batch = by_chunk.setdefault(
-            slot // fpc, FrameBatch(chunk=slot // fpc, slots=[], paths=[], frame_ids=[])
-        )
-        batch.slots.append(slot)
-        batch.paths.append(h.path)
-        batch.frame_ids.append(h.frame_id)
+    batches = cut_batches(
+        slots, [h.path for h in headers], [h.frame_id for h in headers], group["mag"].chunks[0]
+    )
 
     # Quarantine records from the scan are kept now, so the report survives a crash of the writers.
     if quarantined:
@@ -466,7 +494,7 @@ def plan_ingestion(
         group.attrs["catalog"] = catalog.meta["path"]
     return IngestionPlan(
         store=url,
-        batches=list(by_chunk.values()),
+        batches=batches,
         skipped=skipped,
         quarantined=quarantined,
         n_frames=n_frames,
