@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +58,22 @@ def is_transient(exc: BaseException) -> bool:
         and exc.errno is not None
         and not isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError)
     )
+
+
+def retry_transient(read, path, delays: Sequence[float] = (0.05, 0.5, 2.0)):
+    """``read(path)``, retried after each delay while it fails with a transient I/O error.
+
+    A writer task reads many frames: retrying the one read that failed is cheaper and far more robust
+    than failing (and retrying) the whole task; Prefect's task retries remain the second line.
+    """
+    for delay in delays:
+        try:
+            return read(path)
+        except OSError as exc:
+            if not is_transient(exc):
+                raise
+            time.sleep(delay)
+    return read(path)
 
 
 def is_fits(path: str | os.PathLike) -> bool:

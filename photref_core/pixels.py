@@ -28,7 +28,7 @@ from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
 from .errors import BadInputError, StoreError
-from .io import _frame_id_from_meta, _time_from_meta, is_transient, read_catalog
+from .io import _frame_id_from_meta, _time_from_meta, is_transient, read_catalog, retry_transient
 from .prf import PRFModel, PRFParameters, default_error
 from .store import (
     INGESTED,
@@ -258,7 +258,7 @@ def ingest_image_batch(store, batch: FrameBatch, strict: bool = False) -> list[F
     for slot, path, frame_id in zip(batch.slots, batch.paths, batch.frame_ids, strict=True):
         k = slot - lo
         try:
-            image = read_image(path)
+            image = retry_transient(read_image, path)
             if image["frame_id"] != frame_id:
                 raise BadInputError(path, f"FRAMEID changed from {frame_id!r} to {image['frame_id']!r}")
             if image["mask"].all():

@@ -43,7 +43,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .errors import BadInputError, StoreError
-from .io import FrameHeader, read_frame, read_frame_header, valid_measurements
+from .io import FrameHeader, read_frame, read_frame_header, retry_transient, valid_measurements
 
 SCHEMA_VERSION = 1
 PENDING, INGESTED, QUARANTINED = 0, 1, 2
@@ -226,7 +226,7 @@ def cut_batches(
 def _scan(paths: Sequence[str], workers: int) -> list[FrameHeader | BadInputError]:
     def one(path):
         try:
-            return read_frame_header(path)
+            return retry_transient(read_frame_header, path)
         except BadInputError as exc:
             return exc
 
@@ -557,7 +557,7 @@ def ingest_batch(store, batch: FrameBatch, strict: bool = False, reader=read_fra
         mag[k, :, :n_file_phot] = np.nan
         err[k, :, :n_file_phot] = np.nan
         try:
-            frame = reader(path)
+            frame = retry_transient(reader, path)
             if frame.header.frame_id != frame_id:
                 raise BadInputError(path, f"FRAMEID changed from {frame_id!r} to {frame.header.frame_id!r}")
             if frame.mag.shape[1] != n_file_phot:

@@ -30,3 +30,10 @@ def code_version() -> str:
 
 IO_RETRIES = 3
 IO_RETRY_DELAYS = [0.5, 2, 5]
+
+# Task options of every step that reads or writes files: retried on transient I/O errors only.
+IO_RETRY = {
+    "retries": IO_RETRIES,
+    "retry_delay_seconds": IO_RETRY_DELAYS,
+    "retry_condition_fn": retry_on_transient_io,
+}

@@ -12,16 +12,14 @@ from prefect.cache_policies import NO_CACHE
 from photref_core import store as core_store
 from photref_core.io import read_catalog
 
-from .common import IO_RETRIES, IO_RETRY_DELAYS, retry_on_transient_io
+from .common import IO_RETRY
 
 
 @task(
     name="plan-ingestion",
     task_run_name="plan {store}",
     cache_policy=NO_CACHE,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_on_transient_io,
+    **IO_RETRY,
 )
 def plan_ingestion(
     store: str,
@@ -42,9 +40,7 @@ def plan_ingestion(
     name="ingest-frame-chunk",
     task_run_name="ingest chunk {batch.chunk} ({batch.frame_ids[0]}..)",
     cache_policy=NO_CACHE,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_on_transient_io,
+    **IO_RETRY,
 )
 def ingest_frame_chunk(
     store: str, batch: core_store.FrameBatch, strict: bool

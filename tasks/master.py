@@ -16,7 +16,7 @@ from photref_core import reference
 from photref_core.reference import MasterParameters
 from photref_core.store import open_store
 
-from .common import IO_RETRIES, IO_RETRY_DELAYS, code_version, retry_on_transient_io
+from .common import IO_RETRY, code_version
 
 
 def _identity(path) -> str:
@@ -72,9 +72,7 @@ def validate_fit_terms(fit_terms: str, catalog: str) -> list[str]:
     name="statistics",
     task_run_name="statistics {store}",
     cache_key_fn=_statistics_key,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_on_transient_io,
+    **IO_RETRY,
 )
 def compute_statistics(store: str, params: MasterParameters, block_bytes: int) -> str:
     """Statistics with iterative rejection, out of core; returns the store group of the result.
@@ -96,9 +94,7 @@ def compute_statistics(store: str, params: MasterParameters, block_bytes: int) -
     name="scatter-fit",
     task_run_name="scatter fit {statistics_group}",
     cache_key_fn=_fit_key,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_on_transient_io,
+    **IO_RETRY,
 )
 def fit_scatter(store: str, statistics_group: str, catalog: str, params: MasterParameters) -> str:
     """Enough flags, fit terms, scatter fit and master selection; returns the store group of the result."""
@@ -109,9 +105,7 @@ def fit_scatter(store: str, statistics_group: str, catalog: str, params: MasterP
     name="master-products",
     task_run_name="write {output}",
     cache_key_fn=_products_key,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=retry_on_transient_io,
+    **IO_RETRY,
 )
 def write_products(
     store: str,

@@ -10,22 +10,18 @@ from prefect.cache_policies import NO_CACHE
 from photref_core import pixels
 from photref_core.prf import PRFParameters
 
-from .common import IO_RETRIES, IO_RETRY_DELAYS, code_version, retry_on_transient_io
-
-_IO = {
-    "retries": IO_RETRIES,
-    "retry_delay_seconds": IO_RETRY_DELAYS,
-    "retry_condition_fn": retry_on_transient_io,
-}
+from .common import IO_RETRY, code_version
 
 
-@task(name="plan-image-ingestion", task_run_name="plan images {store}", cache_policy=NO_CACHE, **_IO)
+@task(name="plan-image-ingestion", task_run_name="plan images {store}", cache_policy=NO_CACHE, **IO_RETRY)
 def plan_images(store: str, images: list[str], strict: bool, frames_per_chunk: int):
     """Pre-pass over the new images; fix the pixel group's frame axis; cut writer batches."""
     return pixels.plan_image_ingestion(store, images, frames_per_chunk=frames_per_chunk, strict=strict)
 
 
-@task(name="ingest-image-chunk", task_run_name="images chunk {batch.chunk}", cache_policy=NO_CACHE, **_IO)
+@task(
+    name="ingest-image-chunk", task_run_name="images chunk {batch.chunk}", cache_policy=NO_CACHE, **IO_RETRY
+)
 def ingest_image_chunk(store: str, batch, strict: bool):
     """Write one frame chunk of images (its only writer)."""
     return pixels.ingest_image_batch(store, batch, strict=strict)
@@ -41,7 +37,7 @@ def _model_key(context, parameters) -> str:
     return f"prf-model-{code_version()}-{parameters['key']}"
 
 
-@task(name="prf-shape-model", task_run_name="shape model {key}", cache_key_fn=_model_key, **_IO)
+@task(name="prf-shape-model", task_run_name="shape model {key}", cache_key_fn=_model_key, **IO_RETRY)
 def build_model(store: str, catalog: str, params: PRFParameters, key: str) -> str:
     """Fit the field's shape model; returns its store group."""
     return pixels.build_prf_model(store, catalog, params, key)
@@ -58,13 +54,13 @@ def _fit_key(context, parameters) -> str:
     return f"prf-fit-{code_version()}-{parameters['flux_group']}-{slots[0]}-{slots[-1]}-{len(slots)}"
 
 
-@task(name="prf-fit-chunk", task_run_name="fit frames from {slots[0]}", cache_key_fn=_fit_key, **_IO)
+@task(name="prf-fit-chunk", task_run_name="fit frames from {slots[0]}", cache_key_fn=_fit_key, **IO_RETRY)
 def fit_chunk(store: str, model_group: str, flux_group: str, slots: list[int]) -> int:
     """Fluxes of every source in one frame chunk (grouped sparse solve)."""
     return pixels.fit_frame_chunk(store, model_group, flux_group, slots)
 
 
-@task(name="prf-products", task_run_name="write {output}", cache_policy=NO_CACHE, **_IO)
+@task(name="prf-products", task_run_name="write {output}", cache_policy=NO_CACHE, **IO_RETRY)
 def write_products(store: str, model_group: str, flux_group: str, output: str, plot: bool) -> dict:
     """The long-format flux table, the shape-model plot and the PSF metrics."""
     import numpy as np
@@ -90,7 +86,9 @@ def write_products(store: str, model_group: str, flux_group: str, output: str, p
     }
 
 
-@task(name="add-psf-photometry", task_run_name="psf photometry into {store}", cache_policy=NO_CACHE, **_IO)
+@task(
+    name="add-psf-photometry", task_run_name="psf photometry into {store}", cache_policy=NO_CACHE, **IO_RETRY
+)
 def add_psf_photometry(store: str, flux_group: str, zero_point: float) -> dict:
     """PRF fluxes as magnitudes, added to the photometry store as one more photometry (idempotent)."""
     return pixels.add_psf_photometry(store, flux_group, zero_point=zero_point)

@@ -386,7 +386,6 @@ def test_transient_io_errors_are_retried(prefect_server, field, tmp_path, monkey
         return real(store, batch, strict=strict)
 
     monkeypatch.setattr(ingest_tasks.core_store, "ingest_batch", flaky)
-    monkeypatch.setattr(ingest_tasks, "IO_RETRY_DELAYS", [0, 0, 0])
     store = tmp_path / "store.zarr"
     summary = run_ingest(store, [str(p) for p in frames], catalog=catalog)
     assert summary["ingested_now"] == len(frames)
@@ -442,3 +441,40 @@ def test_second_run_on_a_locked_store_is_refused_then_proceeds(prefect_server, f
         holder.wait(timeout=30)
     summary = run_ingest(store, [str(p) for p in frames], catalog=catalog)
     assert summary["ingested_now"] == len(frames)
+
+
+def test_a_transient_read_error_is_retried_for_that_frame_only(field, tmp_path):
+    """ingest_batch retries the one read that failed (EIO) instead of failing the whole chunk."""
+    import errno
+
+    from photref_core.store import finalize_ingestion, ingest_batch, plan_ingestion
+
+    root, frames, catalog = field
+    failed = set()
+
+    def flaky_reader(path):
+        if path not in failed:
+            failed.add(path)
+            raise OSError(errno.EIO, "Input/output error (injected)", path)
+        return read_frame(path)
+
+    store = tmp_path / "s.zarr"
+    plan = plan_ingestion(store, frames, catalog=read_catalog(catalog))
+    results = [r for b in plan.batches for r in ingest_batch(store, b, reader=flaky_reader)]
+    finalize_ingestion(store, results)
+    assert len(failed) == len(frames) and all(r.reason is None for r in results)
+    assert_store_matches_frames(store, frames)
+    # A bad file is not retried: it is quarantined at once.
+    frames[0].write_text("not a table")
+    calls = []
+
+    def counting_reader(path):
+        calls.append(path)
+        return read_frame(path)
+
+    plan = plan_ingestion(tmp_path / "t.zarr", frames[1:], catalog=read_catalog(catalog))
+    from photref_core.store import FrameBatch
+
+    batch = FrameBatch(chunk=0, slots=[0], paths=[str(frames[0])], frame_ids=["x"])
+    (result,) = ingest_batch(tmp_path / "t.zarr", batch, reader=counting_reader)
+    assert result.reason.startswith("cannot read the table") and calls == [str(frames[0])]
