@@ -161,7 +161,7 @@ def part_big(nframes, nstars, nphot, workdir: Path, repeat: int = 3):
     rows.append(["photref statistics, in memory", t_stats, n_meas / t_stats / 1e6, 1.0])
     rows.append(
         [
-            "photref statistics, from the store (dask)",
+            "photref statistics, from the store",
             t_stat_store,
             n_meas / t_stat_store / 1e6,
             t_stat_store / t_stats,

@@ -31,7 +31,7 @@ from .fitterms import DEFAULT_FIT_TERMS, FitTerms, parse_fit_terms
 from .io import read_catalog
 from .master import write_master, write_statistics_table
 from .scatter import ScatterFitParameters, fit_scatter
-from .stats import RejectionParameters, enough_flags, source_statistics_dask
+from .stats import RejectionParameters, enough_flags, source_statistics, source_statistics_dask
 from .store import INGESTED, frame_table, open_store
 
 RESULTS_GROUP = "results"
@@ -129,7 +129,8 @@ def compute_statistics(store, params: MasterParameters, block_bytes: int = 64 * 
     params : MasterParameters
         Only the rejection parameters are used.
     block_bytes : int
-        Memory budget of one source block (out of core: peak memory ~ 8 x this x dask threads).
+        Memory budget of one source block (out of core: peak memory ~ 6 x this x dask threads). A store
+        whose ingested data fit in one block is computed in memory, without dask.
 
     Returns
     -------
@@ -140,13 +141,24 @@ def compute_statistics(store, params: MasterParameters, block_bytes: int = 64 * 
     group = open_store(url)
     version = group.attrs.get("content_version", "")
     name = f"{RESULTS_GROUP}/statistics-{statistics_key(version, params)}"
-    ds = xr.open_zarr(url, consolidated=False)
     ingested = np.flatnonzero(group["frame_state"][:] == INGESTED)
-    mag = ds["mag"].data[ingested]
-    mag_err = ds["mag_err"].data[ingested]
-    stats = source_statistics_dask(
-        mag, mag_err, params.rejection(), source_ids=group["source_id"][:], block_bytes=block_bytes
-    )
+    source_ids = group["source_id"][:]
+    n_src, n_phot = group["mag"].shape[1:]
+    if 8 * ingested.size * n_src * n_phot <= block_bytes:
+        # The whole store fits in one block: read it straight into memory (no dask graph to build).
+        selection = (ingested, slice(None), slice(None))
+        mag = group["mag"].get_orthogonal_selection(selection)
+        mag_err = group["mag_err"].get_orthogonal_selection(selection)
+        stats = source_statistics(mag, mag_err, params.rejection(), source_ids=source_ids)
+    else:
+        ds = xr.open_zarr(url, consolidated=False)
+        stats = source_statistics_dask(
+            ds["mag"].data[ingested],
+            ds["mag_err"].data[ingested],
+            params.rejection(),
+            source_ids=source_ids,
+            block_bytes=block_bytes,
+        )
     stats["in_catalog"] = ("source", group["in_catalog"][:])
     stats.attrs.update(
         {"content_version": version, "n_frames": int(ingested.size), "kind": "photref statistics"}
