@@ -138,6 +138,14 @@ def plan_image_ingestion(
     paths = list(dict.fromkeys(os.path.abspath(os.fspath(p)) for p in paths))
     root = zarr.open_group(url, mode="a")
     group = root[GROUP] if GROUP in root else None
+    if group is not None and "axes" in group.attrs:
+        # A plan killed between its resize and its metadata write left phantom slots: drop them.
+        n_committed = int(group.attrs["axes"]["frames"])
+        if group["frame_id"].shape[0] != n_committed:
+            for name in ("flux", "flux_err", "mask"):
+                group[name].resize((n_committed, group[name].shape[1]))
+            for name in _META + ("frame_state",):
+                group[name].resize((n_committed,))
     known, slot_of_id = {}, {}
     if group is not None:
         meta = {n: group[n][:] for n in _META + ("frame_state",)}
@@ -210,7 +218,14 @@ def plan_image_ingestion(
                 attributes={"coordinates": "frame_id time"},
             )
         create_frame_axis(group, frames_per_chunk, extra_strings=("wcs_header",))
-        group.attrs.update({"photref_schema": SCHEMA_VERSION, "image_shape": list(shape), "quarantine": {}})
+        group.attrs.update(
+            {
+                "photref_schema": SCHEMA_VERSION,
+                "image_shape": list(shape),
+                "quarantine": {},
+                "axes": {"frames": 0},
+            }
+        )
     n_old = group["frame_id"].shape[0]
     slots, next_slot = assign_slots([h["frame_id"] for _, h in good], slot_of_id, n_old)
     if next_slot != n_old:
@@ -233,6 +248,7 @@ def plan_image_ingestion(
     batches = cut_batches(
         slots, [path for path, _ in good], [h["frame_id"] for _, h in good], group["flux"].chunks[0]
     )
+    group.attrs["axes"] = {"frames": int(next_slot)}  # last: the new frames count only now
     if quarantined:
         q = dict(group.attrs.get("quarantine", {}))
         q.update(quarantined)

@@ -218,28 +218,47 @@ class PRFParameters:
             num = isinstance(v, int | float | np.integer | np.floating)
             return num and not isinstance(v, bool | np.bool_)
 
-        for name, lo in (("n_r_knots", 2), ("n_phi_knots", 4), ("shape_iterations", 1),
-                         ("clip_iterations", 0), ("psf_subsample", 1)):
+        for name, lo in (
+            ("n_r_knots", 2),
+            ("n_phi_knots", 4),
+            ("shape_iterations", 1),
+            ("clip_iterations", 0),
+            ("psf_subsample", 1),
+        ):
             v = getattr(self, name)
             if not is_int(v) or v < lo:
                 raise ValueError(f"PRF parameter {name} must be an integer >= {lo}, got {v!r}")
-        for name in ("rmin", "rmax", "cut_r", "sparse_dist_lim", "prior_sigma_factor", "shape_prior_sigma",
-                     "clip_sigma", "min_good_fraction"):
+        for name in (
+            "rmin",
+            "rmax",
+            "cut_r",
+            "sparse_dist_lim",
+            "prior_sigma_factor",
+            "shape_prior_sigma",
+            "clip_sigma",
+            "min_good_fraction",
+        ):
             v = getattr(self, name)
             if not is_num(v) or not np.isfinite(v):
                 raise ValueError(f"PRF parameter {name} must be a finite number, got {v!r}")
         if not 0 < self.rmin < self.rmax:
-            raise ValueError(f"PRF parameters need 0 < rmin < rmax (arcsec), got rmin={self.rmin}, "
-                             f"rmax={self.rmax}")
+            raise ValueError(
+                f"PRF parameters need 0 < rmin < rmax (arcsec), got rmin={self.rmin}, rmax={self.rmax}"
+            )
         if not 0 <= self.cut_r < self.rmax:
             raise ValueError(f"PRF parameter cut_r must be in [0, rmax={self.rmax}) arcsec, got {self.cut_r}")
         if self.sparse_dist_lim < self.rmax:
-            raise ValueError(f"PRF parameter sparse_dist_lim ({self.sparse_dist_lim} arcsec) must be >= rmax "
-                             f"({self.rmax} arcsec): the model would be cut off")
-        if self.shape_phi_smooth is not None and (not is_num(self.shape_phi_smooth)
-                                                  or not 0 < self.shape_phi_smooth < np.inf):
-            raise ValueError(f"PRF parameter shape_phi_smooth must be None or a number > 0 (dex), "
-                             f"got {self.shape_phi_smooth!r}")
+            raise ValueError(
+                f"PRF parameter sparse_dist_lim ({self.sparse_dist_lim} arcsec) must be >= rmax "
+                f"({self.rmax} arcsec): the model would be cut off"
+            )
+        if self.shape_phi_smooth is not None and (
+            not is_num(self.shape_phi_smooth) or not 0 < self.shape_phi_smooth < np.inf
+        ):
+            raise ValueError(
+                f"PRF parameter shape_phi_smooth must be None or a number > 0 (dex), "
+                f"got {self.shape_phi_smooth!r}"
+            )
         cd = self.crowded_dominance
         if cd is not None and (not is_num(cd) or not 0.5 < cd <= 1):
             raise ValueError(f"PRF parameter crowded_dominance must be None or in (0.5, 1], got {cd!r}")
@@ -247,15 +266,20 @@ class PRFParameters:
             if getattr(self, name) <= 0:
                 raise ValueError(f"PRF parameter {name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.min_good_fraction <= 1:
-            raise ValueError(f"PRF parameter min_good_fraction must be in (0, 1], "
-                             f"got {self.min_good_fraction}")
+            raise ValueError(
+                f"PRF parameter min_good_fraction must be in (0, 1], got {self.min_good_fraction}"
+            )
         if not isinstance(self.sources_flux_column, str) or not self.sources_flux_column:
-            raise ValueError(f"PRF parameter sources_flux_column must be a column name, got "
-                             f"{self.sources_flux_column!r}")
-        if self.flux_cut_off is not None and (not is_num(self.flux_cut_off) or not self.flux_cut_off >= 0
-                                              or not np.isfinite(self.flux_cut_off)):
-            raise ValueError(f"PRF parameter flux_cut_off must be None or a finite number >= 0 (data units), "
-                             f"got {self.flux_cut_off!r}")
+            raise ValueError(
+                f"PRF parameter sources_flux_column must be a column name, got {self.sources_flux_column!r}"
+            )
+        if self.flux_cut_off is not None and (
+            not is_num(self.flux_cut_off) or not self.flux_cut_off >= 0 or not np.isfinite(self.flux_cut_off)
+        ):
+            raise ValueError(
+                f"PRF parameter flux_cut_off must be None or a finite number >= 0 (data units), "
+                f"got {self.flux_cut_off!r}"
+            )
         fi = self.frame_index
         if not (fi == "mean" if isinstance(fi, str) else is_int(fi)):
             raise ValueError(f"PRF parameter frame_index must be 'mean' or an integer, got {fi!r}")
@@ -512,7 +536,7 @@ def build_geometry(wcs, shape, ra, dec, dist_lim, chunk_pairs=4_000_000) -> Geom
     # World coordinates only of the pixels some source may reach (all of them in a crowded field).
     used = np.zeros(ny * nx, bool)
     for start in range(0, idx.size, step):
-        used[candidates(idx[start:start + step])[1]] = True
+        used[candidates(idx[start : start + step])[1]] = True
     upix = np.flatnonzero(used)
     slot = np.full(ny * nx, -1, np.int64)
     slot[upix] = np.arange(upix.size)
@@ -520,7 +544,7 @@ def build_geometry(wcs, shape, ra, dec, dist_lim, chunk_pairs=4_000_000) -> Geom
     del used
     parts = []
     for start in range(0, idx.size, step):  # chunks of sources, each fully vectorised
-        s, p = candidates(idx[start:start + step])
+        s, p = candidates(idx[start : start + step])
         pxi, peta = _gnomonic(ra[s], dec[s], pra[slot[p]], pdec[slot[p]])
         r = np.hypot(pxi, peta)
         keep = r <= dist_lim
@@ -533,8 +557,20 @@ def build_geometry(wcs, shape, ra, dec, dist_lim, chunk_pairs=4_000_000) -> Geom
         pxi = peta = r = np.zeros(0)
     src = src.astype(np.int64)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=ns))]).astype(np.int64)
-    return Geometry(shape=(ny, nx), src=src, pix=pix, xi=pxi, eta=peta, r=r, phi=np.arctan2(peta, pxi),
-                    indptr=indptr, jac=jac, area=area, xpix=xs, ypix=ys)
+    return Geometry(
+        shape=(ny, nx),
+        src=src,
+        pix=pix,
+        xi=pxi,
+        eta=peta,
+        r=r,
+        phi=np.arctan2(peta, pxi),
+        indptr=indptr,
+        jac=jac,
+        area=area,
+        xpix=xs,
+        ypix=ys,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -569,7 +605,7 @@ class ShapeModel:
         self.r_knots = np.concatenate([[0.0] * 4, bp[:-1], [self.rmax] * 4])
         self.n_radial = self.r_knots.size - 4
         # Radial functions whose knots all lie within cut_r lose their phi copies.
-        self.n_cut = int(np.sum(self.r_knots[4:4 + self.n_radial] <= self.cut_r))
+        self.n_cut = int(np.sum(self.r_knots[4 : 4 + self.n_radial] <= self.cut_r))
         h = 2 * np.pi / self.n_phi_knots
         #: Uniform knots for the periodic angular basis (base interval [0, 2 pi)).
         self.phi_knots = h * np.arange(-3, self.n_phi_knots + 4)
@@ -613,8 +649,9 @@ class ShapeModel:
         # The last 3 functions are the first 3 shifted by one period: fold them (periodic basis).
         # No duplicates (n_phi_knots >= 4 consecutive indices stay distinct); the slot order is kept so that
         # a row's first slot identifies its knot interval (used by _Blocks).
-        d = sparse.csr_array((d.data, d.indices % self.n_phi_knots, d.indptr),
-                             shape=(d.shape[0], self.n_phi_knots))
+        d = sparse.csr_array(
+            (d.data, d.indices % self.n_phi_knots, d.indptr), shape=(d.shape[0], self.n_phi_knots)
+        )
         d.has_sorted_indices = False
         return d
 
@@ -705,7 +742,7 @@ class ShapeModel:
         phi = np.arange(n_phi) * (2 * np.pi / n_phi)
         rr, pp = np.meshgrid(r, phi, indexing="ij")
         s = (self.design(rr.ravel(), pp.ravel()) @ self.weights).reshape(rr.shape)
-        self.norm = float(np.sum(10.0 ** s * (wr * r)[:, None]) * (2 * np.pi / n_phi))
+        self.norm = float(np.sum(10.0**s * (wr * r)[:, None]) * (2 * np.pi / n_phi))
         return self.norm
 
     def encircled_energy(self, radius, n_gauss=8):
@@ -731,7 +768,7 @@ class ShapeModel:
         phi = np.arange(n_phi) * (2 * np.pi / n_phi)
         rr, pp = np.meshgrid(r, phi, indexing="ij")
         s = (self.design(rr.ravel(), pp.ravel()) @ self.weights).reshape(rr.shape)
-        return float(np.sum(10.0 ** s * (wr * r)[:, None]) * (2 * np.pi / n_phi) / self.norm)
+        return float(np.sum(10.0**s * (wr * r)[:, None]) * (2 * np.pi / n_phi) / self.norm)
 
 
 def _row_block(m, n: int):
@@ -819,10 +856,16 @@ class _Plan:
             slots = gstart[groups][:, None] + np.arange(kk)[None, :]
             members = order[slots.ravel()].reshape(groups.size, kk)
             pidx = np.flatnonzero(pair_size == kk)
-            self.classes.append(dict(
-                k=int(kk), members=members, pidx=pidx, gpos=gpos[labels[self.pair_i[pidx]]],
-                li=local[self.pair_i[pidx]], lj=local[self.pair_j[pidx]],
-            ))
+            self.classes.append(
+                dict(
+                    k=int(kk),
+                    members=members,
+                    pidx=pidx,
+                    gpos=gpos[labels[self.pair_i[pidx]]],
+                    li=local[self.pair_i[pidx]],
+                    lj=local[self.pair_j[pidx]],
+                )
+            )
 
     def refresh(self, X: sparse.csr_array):
         """New model values with the same sparsity pattern (a new shape on the same geometry)."""
@@ -831,8 +874,9 @@ class _Plan:
             raise ValueError("refresh needs the sparsity pattern the plan was built for")
         x = np.asarray(X.data, dtype=float)
         self.Xc = sparse.csr_array((x[self._perm_x], self.Xc.indices, self.Xc.indptr), shape=self.Xc.shape)
-        self.P = sparse.csr_array((x[self._a] * x[self._b], self.P.indices, self.P.indptr),
-                                  shape=self.P.shape)
+        self.P = sparse.csr_array(
+            (x[self._a] * x[self._b], self.P.indices, self.P.indptr), shape=self.P.shape
+        )
         self.row_sum = np.asarray(self.Xc.sum(axis=1)).ravel()
         return self
 
@@ -907,8 +951,12 @@ class _Plan:
 
 def _same_pattern(plan, X) -> bool:
     indptr, indices = plan._pattern
-    return (X.indptr.shape == indptr.shape and X.indices.shape == indices.shape
-            and np.array_equal(X.indptr, indptr) and np.array_equal(X.indices, indices))
+    return (
+        X.indptr.shape == indptr.shape
+        and X.indices.shape == indices.shape
+        and np.array_equal(X.indptr, indptr)
+        and np.array_equal(X.indices, indices)
+    )
 
 
 def _inv_each(M):
@@ -999,8 +1047,9 @@ def _as_stack(a, name, dtype=None):
     if a.ndim == 2:
         a = a[None]
     if a.ndim != 3:
-        raise ValueError(f"{name} must be an image (ny, nx) or a stack (nframes, ny, nx), "
-                         f"got shape {a.shape}")
+        raise ValueError(
+            f"{name} must be an image (ny, nx) or a stack (nframes, ny, nx), got shape {a.shape}"
+        )
     return a
 
 
@@ -1027,8 +1076,9 @@ class PRFModel:
         Flux prior per source used by :meth:`fit` (``prior_sigma`` may be inf).
     """
 
-    def __init__(self, shape, params, ra, dec, flux_estimate, source_ids, wcs, image_shape, prior_mu,
-                 prior_sigma):
+    def __init__(
+        self, shape, params, ra, dec, flux_estimate, source_ids, wcs, image_shape, prior_mu, prior_sigma
+    ):
         self.shape = shape
         self.params = params
         self.ra = np.asarray(ra, dtype=float)
@@ -1089,8 +1139,9 @@ class PRFModel:
         """
         ent = self._entry(wcs, shape)
         if "geom" not in ent:
-            ent["geom"] = build_geometry(ent["wcs"], ent["shape"], self.ra, self.dec,
-                                         self.params.sparse_dist_lim)
+            ent["geom"] = build_geometry(
+                ent["wcs"], ent["shape"], self.ra, self.dec, self.params.sparse_dist_lim
+            )
         return ent["geom"]
 
     def model_for(self, wcs=None, shape=None) -> sparse.csr_array:
@@ -1151,17 +1202,40 @@ class PRFModel:
         need = ["source_id", "ra", "dec", params.sources_flux_column]
         missing = [c for c in need if c not in names]
         if missing:
-            raise BadInputError(catalog_path, f"catalog lacks column(s) {missing} needed for PRF photometry "
-                                              f"(sources_flux_column={params.sources_flux_column!r})")
+            raise BadInputError(
+                catalog_path,
+                f"catalog lacks column(s) {missing} needed for PRF photometry "
+                f"(sources_flux_column={params.sources_flux_column!r})",
+            )
         if len(catalog["ra"]) == 0:
             raise BadInputError(catalog_path, "catalog is empty")
-        return cls.build(flux, flux_err, wcs, np.asarray(catalog["ra"]), np.asarray(catalog["dec"]),
-                         np.asarray(catalog[params.sources_flux_column]),
-                         source_ids=np.asarray(catalog["source_id"]), params=params, mask=mask)
+        return cls.build(
+            flux,
+            flux_err,
+            wcs,
+            np.asarray(catalog["ra"]),
+            np.asarray(catalog["dec"]),
+            np.asarray(catalog[params.sources_flux_column]),
+            source_ids=np.asarray(catalog["source_id"]),
+            params=params,
+            mask=mask,
+        )
 
     @classmethod
-    def build(cls, flux, flux_err, wcs, ra, dec, flux_estimate, source_ids=None, params=None, mask=None,
-              gain=1.0, rdnoise=0.0):
+    def build(
+        cls,
+        flux,
+        flux_err,
+        wcs,
+        ra,
+        dec,
+        flux_estimate,
+        source_ids=None,
+        params=None,
+        mask=None,
+        gain=1.0,
+        rdnoise=0.0,
+    ):
         """Fit the shape model of a field on its frames (psfmachine's ``Machine`` + ``build_shape_model``).
 
         Parameters
@@ -1203,8 +1277,10 @@ class PRFModel:
         if ns == 0:
             raise ValueError("no sources given")
         if dec.shape != ra.shape or f0.shape != ra.shape:
-            raise ValueError(f"ra, dec and flux_estimate must have one entry per source ({ra.shape}, "
-                             f"{dec.shape}, {f0.shape})")
+            raise ValueError(
+                f"ra, dec and flux_estimate must have one entry per source ({ra.shape}, "
+                f"{dec.shape}, {f0.shape})"
+            )
         if not (np.all(np.isfinite(ra)) and np.all(np.isfinite(dec))):
             nbad = int(np.sum(~(np.isfinite(ra) & np.isfinite(dec))))
             raise ValueError(f"{nbad} source(s) have non-finite ra/dec")
@@ -1232,8 +1308,18 @@ class PRFModel:
 
         epochs = _reference_epochs(flux, err, mask, wcs_list, tm, params.frame_index)
         ref_wcs = epochs[0]["wcs"]
-        model = cls(ShapeModel(params.n_r_knots, params.n_phi_knots, params.rmin, params.rmax, params.cut_r),
-                    params, ra, dec, f0, sids, ref_wcs, (ny, nx), np.zeros(ns), np.full(ns, np.inf))
+        model = cls(
+            ShapeModel(params.n_r_knots, params.n_phi_knots, params.rmin, params.rmax, params.cut_r),
+            params,
+            ra,
+            dec,
+            f0,
+            sids,
+            ref_wcs,
+            (ny, nx),
+            np.zeros(ns),
+            np.full(ns, np.inf),
+        )
         model._fit_shape(epochs)
         return model
 
@@ -1252,9 +1338,9 @@ class PRFModel:
         prof_r, prof_v = _empirical_profile(geoms, epochs, F, p)
         self.diagnostics["empirical_profile"] = (prof_r, prof_v)
         # Prior on the shape weights: the empirical radial profile at each radial function's Greville point.
-        grev = np.array([np.mean(sm.r_knots[j + 1:j + 4]) for j in range(sm.n_radial)])
+        grev = np.array([np.mean(sm.r_knots[j + 1 : j + 4]) for j in range(sm.n_radial)])
         lp = np.interp(grev, prof_r, np.log10(prof_v))
-        w_prior = np.concatenate([lp[:sm.n_cut], np.repeat(lp[sm.n_cut:], sm.n_phi_knots)])
+        w_prior = np.concatenate([lp[: sm.n_cut], np.repeat(lp[sm.n_cut :], sm.n_phi_knots)])
         mu_fit = err_fit = None
         for it in range(p.shape_iterations):
             data = []
@@ -1290,9 +1376,11 @@ class PRFModel:
                 data.append((g.r[sel], g.phi[sel], q, sq, g.xi[sel], g.eta[sel], star))
             r, phi, q, sq, xi, eta, src = (np.concatenate(a) for a in zip(*data, strict=True))
             if np.sum(q > 0) < sm.nbasis:
-                raise ValueError(f"only {np.sum(q > 0)} uncontaminated pixels to fit a shape model of "
-                                 f"{sm.nbasis} weights: lower flux_cut_off, fewer knots, or more/brighter "
-                                 "sources")
+                raise ValueError(
+                    f"only {np.sum(q > 0)} uncontaminated pixels to fit a shape model of "
+                    f"{sm.nbasis} weights: lower flux_cut_off, fewer knots, or more/brighter "
+                    "sources"
+                )
             # The Gauss-Newton refinement only matters for the final shape (earlier ones only set masks).
             last = it == p.shape_iterations - 1
             keep = _fit_shape_weights(sm, r, phi, q, sq, src, w_prior, p, gn_steps=_GN_STEPS if last else 0)
@@ -1313,8 +1401,13 @@ class PRFModel:
         sub = np.flatnonzero(keep & (q > 0))
         if sub.size > 50_000:
             sub = np.sort(np.random.default_rng(0).choice(sub, 50_000, replace=False))
-        self.shape_data = {"r": r[sub], "phi": phi[sub], "y": np.log10(q[sub]), "xi": xi[sub],
-                           "eta": eta[sub]}
+        self.shape_data = {
+            "r": r[sub],
+            "phi": phi[sub],
+            "y": np.log10(q[sub]),
+            "xi": xi[sub],
+            "eta": eta[sub],
+        }
         self.diagnostics.update(n_shape_points=int(q.size), n_shape_kept=int(n_keep))
         # The flux prior.
         nref = epochs[0]["n_frames"]
@@ -1342,8 +1435,9 @@ class PRFModel:
         img = epoch["flux"].ravel()[None, :]
         err = epoch["err"].ravel()[None, :]
         bad = ~epoch["good"].ravel()[None, :]
-        res = self._solve_batch(plan, img, err, bad, np.zeros(self.nsources), np.zeros(self.nsources),
-                                self.params.fit_background)
+        res = self._solve_batch(
+            plan, img, err, bad, np.zeros(self.nsources), np.zeros(self.nsources), self.params.fit_background
+        )
         return res[0][0], res[1][0]
 
     # -- fit --------------------------------------------------------------------------------------------
@@ -1359,7 +1453,7 @@ class PRFModel:
             s = np.zeros(F.shape[0])
             c = np.zeros(F.shape[0])
             for t in range(F.shape[0]):  # per frame: no (T, npix) float64 temporaries
-                _, wt, _ = _gather(F[t:t + 1], E[t:t + 1], None if M is None else M[t:t + 1], None)
+                _, wt, _ = _gather(F[t : t + 1], E[t : t + 1], None if M is None else M[t : t + 1], None)
                 ft = np.where(wt[0] > 0, F[t], 0.0).astype(float)
                 s[t], c[t] = wt.sum(), float(wt[0] @ ft)
             bg = (s, c)
@@ -1375,8 +1469,18 @@ class PRFModel:
         bge = np.sqrt(bgvar) if bgvar is not None else None
         return out, out_err, flag, frac, bgw, bge, w
 
-    def fit(self, flux, flux_err=None, mask=None, wcs=None, return_model=False, gain=1.0, rdnoise=0.0,
-            prior_mu=None, prior_sigma=None) -> FitResult:
+    def fit(
+        self,
+        flux,
+        flux_err=None,
+        mask=None,
+        wcs=None,
+        return_model=False,
+        gain=1.0,
+        rdnoise=0.0,
+        prior_mu=None,
+        prior_sigma=None,
+    ) -> FitResult:
         """Fluxes of every source in every frame of a batch (psfmachine's ``fit_model``), exactly per frame.
 
         Each frame is solved on its own (results do not depend on how frames are batched):
@@ -1419,10 +1523,12 @@ class PRFModel:
             raise ValueError(f"flux_err shape {err.shape} differs from flux shape {flux.shape}")
         mask = _mask_stack(mask, flux.shape)
         wcs_list = _wcs_list(self.wcs if wcs is None else wcs, T)
-        mu = np.broadcast_to(np.asarray(self.prior_mu if prior_mu is None else prior_mu, float),
-                             (self.nsources,))
-        sig = np.broadcast_to(np.asarray(self.prior_sigma if prior_sigma is None else prior_sigma, float),
-                              (self.nsources,))
+        mu = np.broadcast_to(
+            np.asarray(self.prior_mu if prior_mu is None else prior_mu, float), (self.nsources,)
+        )
+        sig = np.broadcast_to(
+            np.asarray(self.prior_sigma if prior_sigma is None else prior_sigma, float), (self.nsources,)
+        )
         if not (np.all(np.isfinite(mu)) and np.all(sig > 0)):
             raise ValueError("prior_mu must be finite and prior_sigma > 0")
         isig2 = 1.0 / sig**2
@@ -1456,8 +1562,16 @@ class PRFModel:
                 if fit_bg:
                     m += b[:, None]
                 model[idx] = m.reshape(idx.size, ny, nx)
-        return FitResult(flux=out["flux"], flux_err=out["flux_err"], flag=flag, good_fraction=out["frac"],
-                         source_id=self.source_ids.copy(), background=bgv, background_err=bge, model=model)
+        return FitResult(
+            flux=out["flux"],
+            flux_err=out["flux_err"],
+            flag=flag,
+            good_fraction=out["frac"],
+            source_id=self.source_ids.copy(),
+            background=bgv,
+            background_err=bge,
+            model=model,
+        )
 
     # -- diagnostics ------------------------------------------------------------------------------------
     def get_psf_metrics(self, wcs=None, shape=None) -> PSFMetrics:
@@ -1541,7 +1655,7 @@ class PRFModel:
         axes[0, 0].scatter(d["r"], deg, c=d["y"], **kw)
         axes[0, 0].set(title="data: log10(pixel flux / source flux)", **polar)
         im = axes[0, 1].scatter(d["r"], deg, c=model_y, **kw)
-        axes[0, 1].set(title=f"model (normalised over r <= {sm.rmax:g}\")", **polar)
+        axes[0, 1].set(title=f'model (normalised over r <= {sm.rmax:g}")', **polar)
         imr = axes[0, 2].scatter(d["r"], deg, c=resid, **kr)
         axes[0, 2].set(title="data - model [dex]", **polar)
         axes[1, 0].scatter(d["xi"], d["eta"], c=d["y"], **kw)
@@ -1549,8 +1663,9 @@ class PRFModel:
         g = np.linspace(-sm.rmax, sm.rmax, 201)
         gx, gy = np.meshgrid(g, g)
         mv = sm.log_value(np.hypot(gx, gy), np.arctan2(gy, gx)) + lognorm
-        axes[1, 1].pcolormesh(gx, gy, mv, cmap="viridis", vmin=vmin, vmax=vmax, shading="auto",
-                              rasterized=True)
+        axes[1, 1].pcolormesh(
+            gx, gy, mv, cmap="viridis", vmin=vmin, vmax=vmax, shading="auto", rasterized=True
+        )
         axes[1, 1].set(title="model on the sky", **sky)
         axes[1, 2].scatter(d["xi"], d["eta"], c=resid, **kr)
         axes[1, 2].set(title="data - model on the sky [dex]", **sky)
@@ -1577,12 +1692,16 @@ class PRFModel:
             "params_json": np.array(json.dumps(self.params.to_dict())),
             "shape_weights": self.shape.weights,
             "shape_norm": np.array(self.shape.norm),
-            "ra": self.ra, "dec": self.dec, "flux_estimate": self.flux_estimate,
+            "ra": self.ra,
+            "dec": self.dec,
+            "flux_estimate": self.flux_estimate,
             "source_id": self.source_ids,
-            "prior_mu": self.prior_mu, "prior_sigma": self.prior_sigma,
+            "prior_mu": self.prior_mu,
+            "prior_sigma": self.prior_sigma,
             "wcs_header": np.array(self.wcs.to_header_string(relax=True)),
             "image_shape": np.array(self.image_shape, dtype=np.int64),
-            "mean_model_data": mm.data, "mean_model_indices": mm.indices.astype(np.int64),
+            "mean_model_data": mm.data,
+            "mean_model_indices": mm.indices.astype(np.int64),
             "mean_model_indptr": mm.indptr.astype(np.int64),
         }
         for name in ("source_mask", "uncontaminated_source_mask"):
@@ -1617,17 +1736,31 @@ class PRFModel:
         sm.norm = float(a["shape_norm"])
         wcs = WCS(fits.Header.fromstring(str(a["wcs_header"])))
         shape = tuple(int(s) for s in a["image_shape"])
-        m = cls(sm, params, a["ra"], a["dec"], a["flux_estimate"], a["source_id"], wcs, shape, a["prior_mu"],
-                a["prior_sigma"])
+        m = cls(
+            sm,
+            params,
+            a["ra"],
+            a["dec"],
+            a["flux_estimate"],
+            a["source_id"],
+            wcs,
+            shape,
+            a["prior_mu"],
+            a["prior_sigma"],
+        )
         ns, npix = m.nsources, shape[0] * shape[1]
-        mm = sparse.csr_array((a["mean_model_data"], a["mean_model_indices"], a["mean_model_indptr"]),
-                              shape=(ns, npix))
+        mm = sparse.csr_array(
+            (a["mean_model_data"], a["mean_model_indices"], a["mean_model_indptr"]), shape=(ns, npix)
+        )
         m._entry()["model"] = mm
         for name in ("source_mask", "uncontaminated_source_mask"):
             if f"{name}_indices" in a:
                 idx = a[f"{name}_indices"]
-                setattr(m, name, sparse.csr_array((np.ones(idx.size, bool), idx, a[f"{name}_indptr"]),
-                                                  shape=(ns, npix)))
+                setattr(
+                    m,
+                    name,
+                    sparse.csr_array((np.ones(idx.size, bool), idx, a[f"{name}_indptr"]), shape=(ns, npix)),
+                )
         if "shape_data_r" in a:
             m.shape_data = {k: a[f"shape_data_{k}"] for k in ("r", "phi", "y", "xi", "eta")}
         return m
@@ -1675,7 +1808,7 @@ def _model_values(sm: ShapeModel, g: Geometry):
     inside = g.r <= sm.rmax
     if inside.any():
         s = sm.design(g.r[inside], g.phi[inside]) @ sm.weights
-        out[inside] = 10.0 ** s / sm.norm * g.area[g.src[inside]]
+        out[inside] = 10.0**s / sm.norm * g.area[g.src[inside]]
     return out
 
 
@@ -1731,8 +1864,15 @@ def _reference_epochs(flux, err, mask, wcs_list, tm, frame_index):
         good = np.isfinite(flux[t]) & np.isfinite(err[t]) & (err[t] > 0)
         if mask is not None:
             good &= ~mask[t]
-        return [{"wcs": wcs_list[t], "flux": np.where(good, flux[t], 0.0).astype(float),
-                 "err": np.where(good, err[t], np.inf).astype(float), "good": good, "n_frames": 1}]
+        return [
+            {
+                "wcs": wcs_list[t],
+                "flux": np.where(good, flux[t], 0.0).astype(float),
+                "err": np.where(good, err[t], np.inf).astype(float),
+                "good": good,
+                "n_frames": 1,
+            }
+        ]
     keys = [_wcs_key(w, (ny, nx)) for w in wcs_list]
     epochs = []
     for key in dict.fromkeys(keys[t] for t in range(nt) if tm[t]):
@@ -1749,9 +1889,15 @@ def _reference_epochs(flux, err, mask, wcs_list, tm, frame_index):
             n += good
         good = n > 0
         with np.errstate(invalid="ignore", divide="ignore"):
-            epochs.append({"wcs": wcs_list[idx[0]], "flux": np.where(good, s / np.maximum(n, 1), 0.0),
-                           "err": np.where(good, np.sqrt(v) / np.maximum(n, 1), np.inf), "good": good,
-                           "n_frames": len(idx)})
+            epochs.append(
+                {
+                    "wcs": wcs_list[idx[0]],
+                    "flux": np.where(good, s / np.maximum(n, 1), 0.0),
+                    "err": np.where(good, np.sqrt(v) / np.maximum(n, 1), np.inf),
+                    "good": good,
+                    "n_frames": len(idx),
+                }
+            )
     # The epoch with the most frames is the reference (its WCS becomes the model's reference WCS).
     epochs.sort(key=lambda e: -e["n_frames"])
     return epochs
@@ -1795,8 +1941,10 @@ def _empirical_profile(geoms, epochs, F, p):
     med = v[first[has]]
     rmed = (np.bincount(b, weights=r, minlength=nb)[has]) / counts[has]
     if not np.any(med > 0):
-        raise ValueError("no positive flux around the sources: cannot seed the PRF model (are the positions, "
-                         "the WCS and the flux estimates right?)")
+        raise ValueError(
+            "no positive flux around the sources: cannot seed the PRF model (are the positions, "
+            "the WCS and the flux estimates right?)"
+        )
     med = np.fmin.accumulate(np.where(med > 0, med, np.nan))
     med = np.where(np.isfinite(med), med, np.nanmax(med))  # leading non-positive bins: take the peak
     floor = np.max(med) * 1e-7
@@ -1866,8 +2014,11 @@ def _fit_shape_weights(sm: ShapeModel, r, phi, q, sq, src, w_prior, p, gn_steps=
             w = _spd_solve(M + prior_prec, rhs + prior_rhs)
             res = np.nan_to_num(y - A @ w)
             sws = np.bincount(src, weights=wt, minlength=nstar)
-            c = np.where(sws > 0, np.bincount(src, weights=wt * res, minlength=nstar)
-                         / np.where(sws > 0, sws, 1.0), np.nan)
+            c = np.where(
+                sws > 0,
+                np.bincount(src, weights=wt * res, minlength=nstar) / np.where(sws > 0, sws, 1.0),
+                np.nan,
+            )
         return w, c
 
     def clip(z, keep_from):
@@ -1919,9 +2070,12 @@ def _phi_difference_operator(sm: ShapeModel) -> sparse.csr_array:
     m = np.tile(np.arange(nphi), blocks)
     rows = np.arange(blocks * nphi)
     return sparse.csr_array(
-        (np.concatenate([np.ones(rows.size), -np.ones(rows.size)]),
-         (np.concatenate([rows, rows]), np.concatenate([base + m, base + (m + 1) % nphi]))),
-        shape=(rows.size, sm.nbasis))
+        (
+            np.concatenate([np.ones(rows.size), -np.ones(rows.size)]),
+            (np.concatenate([rows, rows]), np.concatenate([base + m, base + (m + 1) % nphi])),
+        ),
+        shape=(rows.size, sm.nbasis),
+    )
 
 
 class _Blocks:

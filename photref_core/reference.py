@@ -32,7 +32,7 @@ from .io import read_catalog
 from .master import write_master, write_statistics_table
 from .scatter import ScatterFitParameters, fit_scatter
 from .stats import RejectionParameters, enough_flags, source_statistics, source_statistics_dask
-from .store import INGESTED, frame_table, open_store
+from .store import INGESTED, committed_sizes, frame_table, open_store
 
 RESULTS_GROUP = "results"
 
@@ -141,25 +141,27 @@ def compute_statistics(store, params: MasterParameters, block_bytes: int = 64 * 
     group = open_store(url)
     version = group.attrs.get("content_version", "")
     name = f"{RESULTS_GROUP}/statistics-{statistics_key(version, params)}"
-    ingested = np.flatnonzero(group["frame_state"][:] == INGESTED)
-    source_ids = group["source_id"][:]
-    n_src, n_phot = group["mag"].shape[1:]
+    n_frames, n_src = committed_sizes(group)  # a plan killed half-way left no phantom slots in use
+    ingested = np.flatnonzero(group["frame_state"][:n_frames] == INGESTED)
+    source_ids = group["source_id"][:n_src]
+    in_catalog = group["in_catalog"][:n_src]
+    n_phot = group["mag"].shape[2]
     if 8 * ingested.size * n_src * n_phot <= block_bytes:
         # The whole store fits in one block: read it straight into memory (no dask graph to build).
-        selection = (ingested, slice(None), slice(None))
+        selection = (ingested, slice(0, n_src), slice(None))
         mag = group["mag"].get_orthogonal_selection(selection)
         mag_err = group["mag_err"].get_orthogonal_selection(selection)
         stats = source_statistics(mag, mag_err, params.rejection(), source_ids=source_ids)
     else:
         ds = xr.open_zarr(url, consolidated=False)
         stats = source_statistics_dask(
-            ds["mag"].data[ingested],
-            ds["mag_err"].data[ingested],
+            ds["mag"].data[ingested, :n_src],
+            ds["mag_err"].data[ingested, :n_src],
             params.rejection(),
             source_ids=source_ids,
             block_bytes=block_bytes,
         )
-    stats["in_catalog"] = ("source", group["in_catalog"][:])
+    stats["in_catalog"] = ("source", in_catalog)
     stats.attrs.update(
         {"content_version": version, "n_frames": int(ingested.size), "kind": "photref statistics"}
     )

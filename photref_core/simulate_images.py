@@ -48,8 +48,17 @@ def _moffat_alpha(fwhm: float, beta: float) -> float:
     return fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
 
 
-def prf_density(dx, dy, fwhm=2.5, beta=3.0, ellipticity=0.15, theta=30.0, wing_fraction=0.03,
-                wing_fwhm=12.5, wing_beta=2.5):
+def prf_density(
+    dx,
+    dy,
+    fwhm=2.5,
+    beta=3.0,
+    ellipticity=0.15,
+    theta=30.0,
+    wing_fraction=0.03,
+    wing_fwhm=12.5,
+    wing_beta=2.5,
+):
     """True PRF surface density (per unit pixel area) at pixel offsets from the source centre.
 
     The profile is ``(1 - wing_fraction)`` x an elliptical Moffat plus ``wing_fraction`` x a circular,
@@ -175,7 +184,7 @@ def prf_design(x, y, shape, prf=None, stamp_radius=None, nsub=5):
     rows, cols, vals = [], [], []
     chunk = max(1, 2_000_000 // (oy.size * sx.size))
     for start in range(0, x.size, chunk):  # chunks of sources bound memory; each chunk is vectorised
-        xs, ys = x[start:start + chunk], y[start:start + chunk]
+        xs, ys = x[start : start + chunk], y[start : start + chunk]
         px = np.rint(xs)[:, None] + ox[None, :]
         py = np.rint(ys)[:, None] + oy[None, :]
         dx = (px - xs[:, None])[..., None] + sx
@@ -270,12 +279,41 @@ def _place_sources(rng, n_stars, size, fwhm, n_pairs, n_edge, min_separation, ma
     return np.array(xs), np.array(ys), np.array(pair_id), np.array(edge)
 
 
-def simulate_images(outdir, n_frames=20, n_stars=60, size=64, pixscale=0.11, seed=0, dec=70.0, ra=150.0,
-                    fwhm=2.5, beta=3.0, ellipticity=0.15, theta=30.0, wing_fraction=0.03, wing_fwhm=None,
-                    wing_beta=2.5, flux_range=(2e3, 2e5), n_pairs=3, n_variables=3, n_edge=0,
-                    min_separation=0.0, margin=None, catalog_scatter=0.15, gain=2.0, rdnoise=3.0, sky=20.0,
-                    n_bad_pixels=5, rotation=25.0, jitter=0.0, nsub=5, first_id=1_000_000_000_000,
-                    time0=2460000.5, cadence=0.02, dtype=np.float32):
+def simulate_images(
+    outdir,
+    n_frames=20,
+    n_stars=60,
+    size=64,
+    pixscale=0.11,
+    seed=0,
+    dec=70.0,
+    ra=150.0,
+    fwhm=2.5,
+    beta=3.0,
+    ellipticity=0.15,
+    theta=30.0,
+    wing_fraction=0.03,
+    wing_fwhm=None,
+    wing_beta=2.5,
+    flux_range=(2e3, 2e5),
+    n_pairs=3,
+    n_variables=3,
+    n_edge=0,
+    min_separation=0.0,
+    margin=None,
+    catalog_scatter=0.15,
+    gain=2.0,
+    rdnoise=3.0,
+    sky=20.0,
+    n_bad_pixels=5,
+    rotation=25.0,
+    jitter=0.0,
+    nsub=5,
+    first_id=1_000_000_000_000,
+    time0=2460000.5,
+    cadence=0.02,
+    dtype=np.float32,
+):
     """Write simulated background-subtracted frames, a catalog and a truth table (SPEC 1.3).
 
     Parameters
@@ -340,8 +378,15 @@ def simulate_images(outdir, n_frames=20, n_stars=60, size=64, pixscale=0.11, see
     (outdir / "frames").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     wing_fwhm = 5.0 * fwhm if wing_fwhm is None else wing_fwhm
-    prf = dict(fwhm=fwhm, beta=beta, ellipticity=ellipticity, theta=theta, wing_fraction=wing_fraction,
-               wing_fwhm=wing_fwhm, wing_beta=wing_beta)
+    prf = dict(
+        fwhm=fwhm,
+        beta=beta,
+        ellipticity=ellipticity,
+        theta=theta,
+        wing_fraction=wing_fraction,
+        wing_fwhm=wing_fwhm,
+        wing_beta=wing_beta,
+    )
     margin = 2.0 * fwhm if margin is None else margin
 
     x, y, pair_id, edge = _place_sources(rng, n_stars, size, fwhm, n_pairs, n_edge, min_separation, margin)
@@ -389,11 +434,13 @@ def simulate_images(outdir, n_frames=20, n_stars=60, size=64, pixscale=0.11, see
         hdr["RDNOISE"] = (rdnoise, "read noise, ADU")
         hdr["BUNIT"] = "adu"
         hdr["SKYSUB"] = (sky, "sky level subtracted, ADU")
-        hdus = fits.HDUList([
-            fits.PrimaryHDU(data.astype(dtype), header=hdr),
-            fits.ImageHDU(err.astype(dtype), name="ERR"),
-            fits.ImageHDU(mask, name="MASK"),
-        ])
+        hdus = fits.HDUList(
+            [
+                fits.PrimaryHDU(data.astype(dtype), header=hdr),
+                fits.ImageHDU(err.astype(dtype), name="ERR"),
+                fits.ImageHDU(mask, name="MASK"),
+            ]
+        )
         path = outdir / "frames" / f"{frame_id}.fits"
         hdus.writeto(path, overwrite=True)
         paths.append(os.fspath(path))
@@ -403,23 +450,37 @@ def simulate_images(outdir, n_frames=20, n_stars=60, size=64, pixscale=0.11, see
     cat_path = outdir / "catalog.fits"
     catalog.write(cat_path, overwrite=True)
 
-    truth = Table({
-        "source_id": np.tile(source_id, n_frames),
-        "frame_id": np.repeat([f"sim{t:04d}" for t in range(n_frames)], n_stars),
-        "flux": flux.ravel(),
-        "mean_flux": np.tile(mean_flux, n_frames),
-        "x": np.tile(x, n_frames),
-        "y": np.tile(y, n_frames),
-        "ra": np.tile(sra, n_frames),
-        "dec": np.tile(sdec, n_frames),
-        "pair_id": np.tile(pair_id, n_frames),
-        "edge": np.tile(edge, n_frames),
-        "variable": np.tile(variable, n_frames),
-    })
-    truth.meta.update({"PIXSCALE": pixscale, "FWHM": fwhm, "BETA": beta, "ELLIP": ellipticity,
-                       "THETA": theta, "WINGFRAC": wing_fraction, "WINGFWHM": wing_fwhm,
-                       "WINGBETA": wing_beta, "GAIN": gain, "RDNOISE": rdnoise, "SKY": sky,
-                       "JITTER": jitter})
+    truth = Table(
+        {
+            "source_id": np.tile(source_id, n_frames),
+            "frame_id": np.repeat([f"sim{t:04d}" for t in range(n_frames)], n_stars),
+            "flux": flux.ravel(),
+            "mean_flux": np.tile(mean_flux, n_frames),
+            "x": np.tile(x, n_frames),
+            "y": np.tile(y, n_frames),
+            "ra": np.tile(sra, n_frames),
+            "dec": np.tile(sdec, n_frames),
+            "pair_id": np.tile(pair_id, n_frames),
+            "edge": np.tile(edge, n_frames),
+            "variable": np.tile(variable, n_frames),
+        }
+    )
+    truth.meta.update(
+        {
+            "PIXSCALE": pixscale,
+            "FWHM": fwhm,
+            "BETA": beta,
+            "ELLIP": ellipticity,
+            "THETA": theta,
+            "WINGFRAC": wing_fraction,
+            "WINGFWHM": wing_fwhm,
+            "WINGBETA": wing_beta,
+            "GAIN": gain,
+            "RDNOISE": rdnoise,
+            "SKY": sky,
+            "JITTER": jitter,
+        }
+    )
     truth_path = outdir / "truth.fits"
     truth.write(truth_path, overwrite=True)
     return {"paths": paths, "catalog": os.fspath(cat_path), "truth": os.fspath(truth_path), "prf": prf}

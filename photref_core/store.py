@@ -107,8 +107,9 @@ def open_dataset(store) -> xr.Dataset:
     Frames that are not ingested (pending or quarantined) are included with NaN data; select
     ``ds.frame_state == 1`` for the ingested ones.
     """
-    open_store(store)  # schema check with a clear message
-    return xr.open_zarr(_url(store), consolidated=False)
+    n_frames, n_sources = committed_sizes(open_store(store))  # also checks the schema
+    ds = xr.open_zarr(_url(store), consolidated=False)
+    return ds.isel(frame=slice(0, n_frames), source=slice(0, n_sources))
 
 
 def choose_chunks(
@@ -154,6 +155,32 @@ class IngestionPlan:
     @property
     def n_to_ingest(self) -> int:
         return sum(len(b.slots) for b in self.batches)
+
+
+def committed_sizes(group) -> tuple[int, int]:
+    """(frames, sources) of the last plan that finished.
+
+    A plan resizes the arrays before it writes the new axis values; if it is killed in between, the
+    slots beyond these sizes hold no real frame or source. Readers stop at these sizes and the next plan
+    cuts the arrays back to them (:func:`_drop_uncommitted`) before it starts.
+    """
+    axes = group.attrs.get("axes")
+    if axes is None:
+        return group["frame_id"].shape[0], group["source_id"].shape[0]
+    return int(axes["frames"]), int(axes["sources"])
+
+
+def _drop_uncommitted(group) -> None:
+    """Cut the axes back to the last finished plan's sizes (see :func:`committed_sizes`)."""
+    n_frames, n_sources = committed_sizes(group)
+    if group["frame_id"].shape[0] == n_frames and group["source_id"].shape[0] == n_sources:
+        return
+    for name in ("mag", "mag_err"):
+        group[name].resize((n_frames, n_sources, group[name].shape[2]))
+    for name in ("source_id", "in_catalog"):
+        group[name].resize((n_sources,))
+    for name in _FRAME_META + ("frame_state",):
+        group[name].resize((n_frames,))
 
 
 def create_frame_axis(group, frames_per_chunk: int, extra_strings: Sequence[str] = ()) -> None:
@@ -288,6 +315,7 @@ def _create_store(url, n_phot, dtype, frames_per_chunk) -> zarr.Group:
             "frames_per_chunk": frames_per_chunk,
             "quarantine": {},
             "content_version": "",
+            "axes": {"frames": 0, "sources": 0},
         }
     )
     return group
@@ -345,6 +373,8 @@ def plan_ingestion(
     paths = list(dict.fromkeys(os.path.abspath(os.fspath(p)) for p in frame_paths))
     exists = store_exists(url)
     group = open_store(url, "r+") if exists else None
+    if group is not None:
+        _drop_uncommitted(group)
 
     known: dict[str, tuple[int, str, int, int, int]] = {}  # path -> (slot, frame_id, state, mtime, size)
     slot_of_id: dict[str, int] = {}
@@ -492,6 +522,8 @@ def plan_ingestion(
         group.attrs["quarantine"] = q
     if catalog is not None and "path" in catalog.meta:
         group.attrs["catalog"] = catalog.meta["path"]
+    # Last: the new sizes count only now that every axis value is written.
+    group.attrs["axes"] = {"frames": int(n_frames), "sources": int(n_sources)}
     return IngestionPlan(
         store=url,
         batches=batches,
@@ -657,9 +689,14 @@ def frame_table(store):
     names = {PENDING: "pending", INGESTED: "ingested", QUARANTINED: "quarantined"}
     q = group.attrs.get("quarantine", {})
     rows = []
-    paths = group["frame_path"][:]
+    n_frames = committed_sizes(group)[0]
+    paths = group["frame_path"][:n_frames]
     for fid, path, st, t in zip(
-        group["frame_id"][:], paths, group["frame_state"][:], group["time"][:], strict=True
+        group["frame_id"][:n_frames],
+        paths,
+        group["frame_state"][:n_frames],
+        group["time"][:n_frames],
+        strict=True,
     ):
         reason = q.get(str(path), {}).get("reason", "") if st == QUARANTINED else ""
         rows.append((str(fid), str(path), names[int(st)], reason, float(t)))
@@ -835,6 +872,7 @@ def store_from_arrays(
             group["mag"][f0:f1] = mag
             group["mag_err"][f0:f1] = mag_err
             group["frame_state"][f0:f1] = INGESTED
+    group.attrs["axes"] = {"frames": n_frames, "sources": n_src}
     group.attrs["content_version"] = content_version(url)
     return group
 

@@ -26,8 +26,6 @@ from relutil import (
     master_hdu_names,
 )
 
-from photref_core.errors import PhotrefError
-
 SEED = 20260611
 _rng = np.random.default_rng(SEED)
 # The chunk writers: the first chunk's mag_err write, and frame_state's second write (the planner writes it
@@ -40,35 +38,13 @@ N_FIT = int(_rng.integers(2, 9))
 # up to 0.65 fall inside its run.
 DELAY_FRACTIONS = [float(d) for d in _rng.uniform(0.03, 0.65, 2)]
 
-PLAN_PHANTOM_SOURCES = (
-    "BUG: plan_ingestion resizes the arrays before it writes the new axis values. Killed after "
-    "group['source_id'].resize() and before group['source_id'][old:] = extra, the store keeps N source "
-    "slots whose id is the fill value 0; the re-run sees them as existing sources (old_ids), appends the N "
-    "real ids again (2N sources, N of them id 0; the frame axis gets the phantom slots of the next case "
-    "too) and write_master then fails for ever with 'statistics dataset: duplicate source_id 0'. Fix: "
-    "write the axis values before (or with) the resize and make the re-run detect an interrupted plan "
-    "(e.g. an attribute 'planned' set last, holding the committed sizes, and the arrays cut back to them), "
-    "or resize only after the new ids and frame ids are in place in a staging array."
-)
-PLAN_PHANTOM_FRAMES = (
-    "BUG: plan_ingestion resizes the frame axis before it writes frame_id/frame_path. Killed in between, "
-    "the store keeps 40 slots with frame_id '' and state pending; the re-run finds no slot for any frame id "
-    "and appends 40 new slots, so the store holds 80 frame slots (40 phantoms) and the master's INMASTER "
-    "HDU lists 40 extra rows with an empty frame_id and path. Fix as above: commit the new axis sizes "
-    "only once the axis values are written, and cut back uncommitted slots on the next plan."
-)
-
+# Both plan cases were bugs (phantom slots after a kill between the resize and the axis values); the
+# plan now commits its sizes last and the next plan cuts uncommitted slots back.
 CASES = [
     pytest.param(
-        {"kind": "zarr", "pattern": "source_id", "nth": 1},
-        id="plan-after-resize-before-source-ids",
-        marks=pytest.mark.xfail(strict=True, raises=PhotrefError, reason=PLAN_PHANTOM_SOURCES),
+        {"kind": "zarr", "pattern": "source_id", "nth": 1}, id="plan-after-resize-before-source-ids"
     ),
-    pytest.param(
-        {"kind": "zarr", "pattern": "frame_id", "nth": 1},
-        id="plan-after-resize-before-frame-ids",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=PLAN_PHANTOM_FRAMES),
-    ),
+    pytest.param({"kind": "zarr", "pattern": "frame_id", "nth": 1}, id="plan-after-resize-before-frame-ids"),
     pytest.param({"kind": "zarr", "pattern": "mag_err", "nth": 1}, id="chunk-after-mag-before-mag_err"),
     pytest.param({"kind": "zarr", "pattern": "frame_state", "nth": 2}, id="chunk-data-written-no-marker"),
     pytest.param(
