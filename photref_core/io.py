@@ -167,6 +167,51 @@ def _source_ids(raw, path, where: str = "frame") -> np.ndarray:
     return ids
 
 
+_CFITSIO_STATUS = re.compile(r"FITSIO status = (\d+): ([^\n]*)")
+
+
+def check_fits_file(path: str) -> None:
+    """Cheap checks of a FITS file, with a message of their own, before cfitsio sees it.
+
+    The first block is read with Python's ``open``, so an operating-system failure (EIO on a network
+    file system, say) surfaces as an ``OSError`` with its errno and is retried as transient, instead of
+    being lost inside cfitsio's status codes.
+
+    Raises
+    ------
+    BadInputError
+        Empty file, not FITS (or not gzip for ``.gz``), or a size that is not a whole number of
+        2880-byte FITS blocks (truncated).
+    """
+    with open(path, "rb") as stream:  # an OS failure here keeps its errno: transient, retried
+        head = stream.read(80)
+        size = os.fstat(stream.fileno()).st_size
+    if not head:
+        raise BadInputError(path, "file is empty (0 bytes)")
+    if path.lower().endswith(".gz"):
+        if not head.startswith(b"\x1f\x8b"):
+            raise BadInputError(path, "not a gzip-compressed FITS file (no gzip signature)")
+        return
+    if not head.startswith(b"SIMPLE  ="):
+        raise BadInputError(path, "not a FITS file (it does not start with a SIMPLE card)")
+    if size % 2880:
+        raise BadInputError(
+            path, f"truncated FITS file: {size} bytes is not a whole number of 2880-byte blocks"
+        )
+
+
+def cfitsio_problem(exc: BaseException) -> str:
+    """One clear line from a fitsio error: cfitsio's own status line, not its whole (global, possibly
+    stale) error stack."""
+    found = _CFITSIO_STATUS.findall(str(exc))
+    if not found:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    status, text = found[-1]
+    if status in ("107", "108"):  # END_OF_FILE, READ_ERROR
+        return f"truncated or corrupt file: {text.strip()} (cfitsio status {status})"
+    return f"{text.strip()} (cfitsio status {status})"
+
+
 class _OpenedFrame:
     """A frame opened for reading: header dictionary + column access, for FITS and any Table format."""
 
@@ -174,9 +219,14 @@ class _OpenedFrame:
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise BadInputError(self.path, "file does not exist")
+        if os.path.isdir(self.path):
+            raise BadInputError(
+                self.path, "is a directory, not a frame file (to read a folder, give a glob: DIR/*.fits)"
+            )
         self._fits = None
         try:
             if is_fits(self.path):
+                check_fits_file(self.path)
                 # fitsio (cfitsio) reads a frame about 4x faster than astropy.io.fits here.
                 self._fits = fitsio.FITS(self.path)
                 hdu = next((h for h in self._fits if h.get_exttype() == "BINARY_TBL"), None)
@@ -204,7 +254,7 @@ class _OpenedFrame:
             self.close()
             if is_transient(exc):
                 raise  # the caller retries: the file may be fine on the next read
-            raise BadInputError(self.path, f"cannot read the table ({type(exc).__name__}: {exc})") from exc
+            raise BadInputError(self.path, f"cannot read the table ({cfitsio_problem(exc)})") from exc
         except Exception as exc:  # astropy raises many types for broken files
             self.close()
             raise BadInputError(self.path, f"cannot read the table ({type(exc).__name__}: {exc})") from exc
@@ -216,7 +266,7 @@ class _OpenedFrame:
                 return values.astype(values.dtype.newbyteorder("="), copy=False)
             return np.asarray(self.data[name])
         except Exception as exc:
-            raise BadInputError(self.path, f"cannot read column '{name}' ({exc})") from exc
+            raise BadInputError(self.path, f"cannot read column '{name}' ({cfitsio_problem(exc)})") from exc
 
     def close(self):
         if self._fits is not None:
@@ -329,9 +379,17 @@ def read_catalog(path: str | os.PathLike) -> Table:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise BadInputError(path, "catalog file does not exist")
+    if os.path.isdir(path):
+        raise BadInputError(path, "is a directory, not a catalog file")
     try:
+        if is_fits(path):
+            check_fits_file(path)
         table = Table.read(path)
+    except BadInputError:
+        raise
     except Exception as exc:
+        if is_transient(exc):
+            raise  # retried by the caller's task
         raise BadInputError(path, f"cannot read the catalog ({type(exc).__name__}: {exc})") from exc
     if "source_id" not in table.colnames:
         raise BadInputError(path, "catalog has no 'source_id' column")

@@ -62,7 +62,7 @@ def _products_key(context, parameters) -> str:
     )
 
 
-@task(name="validate-fit-terms", task_run_name="validate {fit_terms}", cache_policy=NO_CACHE)
+@task(name="validate-fit-terms", task_run_name="validate {fit_terms}", cache_policy=NO_CACHE, **IO_RETRY)
 def validate_fit_terms(fit_terms: str, catalog: str) -> list[str]:
     """Parse the fit-terms expression and check its columns against the catalog, before any work."""
     return reference.validate_fit_terms(fit_terms, catalog).term_names

@@ -207,10 +207,10 @@ def _make_bad_frames(frames, catalog):
     # Truncated FITS.
     data = frames[0].read_bytes()
     frames[0].write_bytes(data[: len(data) // 3])
-    bad[frames[0]] = "cannot read"
+    bad[frames[0]] = "truncated FITS file"
     # Not a FITS file at all.
     frames[1].write_text("this is not a table\n")
-    bad[frames[1]] = "cannot read"
+    bad[frames[1]] = "not a FITS file"
     # Missing column.
     _rewrite(frames[2], lambda t: t.remove_column("mag_err"))
     bad[frames[2]] = "missing column 'mag_err'"
@@ -477,4 +477,4 @@ def test_a_transient_read_error_is_retried_for_that_frame_only(field, tmp_path):
 
     batch = FrameBatch(chunk=0, slots=[0], paths=[str(frames[0])], frame_ids=["x"])
     (result,) = ingest_batch(tmp_path / "t.zarr", batch, reader=counting_reader)
-    assert result.reason.startswith("cannot read the table") and calls == [str(frames[0])]
+    assert result.reason.startswith("not a FITS file") and calls == [str(frames[0])]

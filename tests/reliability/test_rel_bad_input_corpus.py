@@ -221,163 +221,26 @@ def _empty(t):
     return t[:0]
 
 
-FITSIO_TEXT = (
-    "BUG (the fitsio reader of commit c520967): {what} gets {actual}: cfitsio's status and error-stack "
-    "text over several lines, none of which says {should}. The stack also carries messages of earlier, "
-    "unrelated reads: cfitsio keeps one global error stack, and after any frame whose source_id has "
-    "TZERO = 2**63 (uint64 ids, SPEC 1.1) has been read, 'Range Error in ffc2jj converting string to "
-    "longlong int: 9223372036854775808' is prepended to the next error, whatever file it is about. Fix: "
-    "check the cheap cases first with a message of their own (os.path.isdir, size 0, no 'SIMPLE  =' in "
-    "the first 80 bytes, size smaller than the headers declare: 'truncated: N bytes, headers declare M'), "
-    "clear cfitsio's error stack (ffcmsg) before each file, and keep the status line only."
-)
-
 FRAME_CASES = [
+    # The first eight cases were bugs of the fitsio reader (raw multi-line cfitsio status text, stale
+    # messages of earlier files, directories and empty files unrecognised); io.check_fits_file now
+    # checks the cheap cases first and io.cfitsio_problem keeps one status line.
+    Case("truncated-in-data", _truncated("truncated-in-data", "data"), r"(?i)truncated"),
     Case(
-        "truncated-in-data",
-        _truncated("truncated-in-data", "data"),
-        r"(?i)truncated",
-        FITSIO_TEXT.format(
-            what="a FITS frame cut inside its table data",
-            actual="\"cannot read column 'source_id' (FITSIO status = 107: tried to move past end of file\\n"
-            'FITSIO status = 108: error reading from FITS file\\n...)"',
-            should="that the file is truncated",
-        ),
+        "truncated-in-table-header", _truncated("truncated-in-table-header", "table-header"), r"(?i)truncated"
     ),
-    Case(
-        "truncated-in-table-header",
-        _truncated("truncated-in-table-header", "table-header"),
-        r"(?i)truncated",
-        "BUG: a FITS frame cut inside its table header gets 'no binary table extension in the FITS file', "
-        "a false statement (the file has one, cut short): the reader takes a header it cannot read for no "
-        "header. It should say that the file is truncated (size not a multiple of 2880, or smaller than "
-        "its headers declare).",
-    ),
-    Case(
-        "truncated-in-padding",
-        _truncated("truncated-in-padding", "padding"),
-        r"(?i)truncated",
-        FITSIO_TEXT.format(
-            what="a FITS frame whose last 2880-byte block is cut short (data complete, padding missing)",
-            actual="\"cannot read column 'source_id' (FITSIO status = 107: tried to move past end of file\\n"
-            "...)\" (astropy's reader said 'truncated: File may have been truncated ...')",
-            should="that the file is truncated",
-        ),
-    ),
-    Case(
-        "truncated-gzip-fits",
-        _truncated_gzip,
-        r"(?i)truncated|corrupt",
-        FITSIO_TEXT.format(
-            what="a .fits.gz frame cut in half",
-            actual="\"cannot read column 'source_id' (FITSIO status = 107: tried to move past end of file\\n"
-            '...)"',
-            should="that the compressed file is truncated or corrupt",
-        ),
-    ),
+    Case("truncated-in-padding", _truncated("truncated-in-padding", "padding"), r"(?i)truncated"),
+    Case("truncated-gzip-fits", _truncated_gzip, r"(?i)truncated|corrupt"),
     Case("truncated-parquet", _truncated_parquet, r"(?i)parquet.*(corrupt|magic bytes)"),
-    Case(
-        "zero-bytes",
-        _raw("zero-bytes.fits", b""),
-        r"(?i)\bempty\b|\b0 bytes\b",
-        FITSIO_TEXT.format(
-            what="a zero-byte frame",
-            actual="'cannot read the table (OSError: FITSIO status = 107: tried to move past end of file\\n"
-            "ffopen could not interpret primary array header of file: ...)'",
-            should="that the file is empty",
-        ),
-    ),
+    Case("zero-bytes", _raw("zero-bytes.fits", b""), r"(?i)\bempty\b|\b0 bytes\b"),
     Case(
         "not-a-fits-file",
         _raw("not-a-fits-file.fits", b"source_id,mag\n1,12.5\n"),
         r"(?i)not (appear to be )?a (valid )?FITS|no SIMPLE card",
-        FITSIO_TEXT.format(
-            what="a text file named .fits",
-            actual="'cannot read the table (OSError: FITSIO status = 108: error reading from FITS file\\n"
-            "Error reading data buffer from file: ...)'",
-            should="that the file is not FITS",
-        ),
     ),
-    Case("primary-hdu-only", _primary_only, r"^no binary table extension in the FITS file$"),
-    Case(
-        "missing-source_id",
-        _variant("missing-source_id", _drop("source_id")),
-        r"^missing column 'source_id'$",
-    ),
-    Case("missing-mag", _variant("missing-mag", _drop("mag")), r"^missing column 'mag'$"),
-    Case("missing-mag_err", _variant("missing-mag_err", _drop("mag_err")), r"^missing column 'mag_err'$"),
-    Case("scalar-columns-with-a-gap", _scalar_gap, r"^missing column\(s\) mag_1$"),
-    Case(
-        "mag-and-mag_err-lengths-differ",
-        _variant("p-mismatch", _p_mismatch),
-        r"^'mag' has 3 photometries but 'mag_err' has 2$",
-    ),
-    Case(
-        "non-integer-ids",
-        _variant("float-ids", _ids(lambda c: c.astype(float))),
-        r"^column 'source_id' must be integer, not (float64|>f8)$",
-    ),
-    Case(
-        "string-ids",
-        _variant("string-ids", _ids(lambda c: c.astype(str))),
-        r"^column 'source_id' must be integer, not",
-    ),
-    Case(
-        "negative-ids",
-        _variant("negative-ids", _ids(lambda c: -(c.astype(np.int64) % 10**9) - 1)),
-        r"^column 'source_id' has negative ids$",
-    ),
-    Case(
-        "duplicate-ids",
-        _variant("duplicate-ids", _duplicate_ids),
-        r"^duplicate source_id in the frame \(1 ids repeated, e\.g\. \d+\)$",
-    ),
-    Case(
-        "wrong-number-of-photometries",
-        _variant("wrong-p", _wrong_p),
-        r"^has 2 photometries, the store has 3$",
-    ),
-    Case("all-nan-frame", _variant("all-nan", _set("mag", np.nan)), r"^has no valid measurement \("),
-    Case("all-infinite-mags", _variant("all-inf", _set("mag", np.inf)), r"^has no valid measurement \("),
-    Case(
-        "all-mag_err-not-positive",
-        _variant("err-not-positive", _err_not_positive),
-        r"^has no valid measurement",
-    ),
-    Case(
-        "no-star-of-the-catalog",
-        _variant("no-known-star", _ids(lambda c: np.arange(1, len(c) + 1, dtype=np.int64))),
-        r"^has no star of the catalog$",
-    ),
-    Case("non-numeric-mag", _non_numeric_mag, r"^magnitude columns are not numeric \(could not convert"),
-    Case(
-        "bad-DATE-OBS",
-        _bad_time("DATE-OBS", "yesterday", "bad-date-obs"),
-        r"^header keyword DATE-OBS='yesterday' is not a valid time",
-    ),
-    Case("bad-JD", _bad_time("JD", "soon", "bad-jd"), r"^header keyword JD='soon' is not a valid time"),
-    Case("empty-table", _variant("empty-table", _empty), r"^(has no rows|the binary table is empty)$"),
     Case("missing-file", _missing, r"^file does not exist$"),
-    Case(
-        "directory-named-like-a-frame",
-        _directory("directory.fits"),
-        r"(?i)is a directory",
-        FITSIO_TEXT.format(
-            what="a directory named like a frame (night.fits/)",
-            actual="'cannot read the table (OSError: FITSIO status = 108: error reading from FITS file\\n"
-            "Error reading data buffer from file: ...)'",
-            should="that the path is a directory",
-        ),
-    ),
-    Case(
-        "directory-of-frames",
-        _directory("night-2024-01-01"),
-        r"(?i)is a directory",
-        "BUG: a directory given as a frame (a night's folder instead of a glob, the likely mistake) gets "
-        "'cannot read the table (IORegistryError: Format could not be identified based on the file name or "
-        "contents, ...' followed by astropy's 50-line table of formats; it should say that the path is a "
-        "directory (and suggest a glob). The reader checks os.path.exists, not os.path.isfile.",
-    ),
+    Case("directory-named-like-a-frame", _directory("directory.fits"), r"(?i)is a directory"),
+    Case("directory-of-frames", _directory("night-2024-01-01"), r"(?i)is a directory"),
     Case(
         "ecsv-broken-header",
         _broken_ecsv,
@@ -611,7 +474,7 @@ OTHER_CASES = [
         "catalog",
         _catalog_raw("text.fits", "text"),
         BadInputError,
-        r"^{}: cannot read the catalog \(IORegistryError: Format could not be identified",
+        r"^{}: not a FITS file \(it does not start with a SIMPLE card\)$",
     ),
     Other(
         "catalog-truncated",
@@ -619,9 +482,6 @@ OTHER_CASES = [
         _catalog_raw("truncated.fits", "truncated"),
         BadInputError,
         r"^{}: .*truncated",
-        "BUG: a catalog FITS file cut inside its data gets 'cannot read the catalog (ValueError: cannot "
-        "reshape array of size N into shape (M,))' (astropy's truncation warning is only logged); it should "
-        "say that the file is truncated.",
     ),
     Other(
         "fit-terms-unknown-column",

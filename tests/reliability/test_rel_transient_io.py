@@ -23,8 +23,6 @@ import pytest
 from astropy.table import Table
 from relutil import assert_same_master, assert_same_store, task_runs
 
-from photref_core.errors import BadInputError
-
 SEED = 0
 P_FAIL = 0.2
 
@@ -216,16 +214,7 @@ def test_transient_store_write_errors_are_retried_by_the_tasks(
     assert_same_master(products["master"], clean_run.master, differ=("STORE",))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BadInputError,
-    reason=(
-        "BUG: a transient EIO while reading the catalog is never retried: photref_core.io.read_catalog "
-        "wraps every exception of Table.read, OSError with an errno included, in BadInputError('cannot read "
-        "the catalog (OSError: [Errno 5] ...)'), which retry_on_transient_io does not retry; and the "
-        "validate-fit-terms task, the first to read the catalog, has no retries at all."
-    ),
-)
+# Was a bug (catalog read errors wrapped as bad input; validate-fit-terms without retries): fixed.
 def test_transient_catalog_read_error_is_retried(
     prefect_server, rel_field, clean_run, tmp_path, monkeypatch, no_retry_delays
 ):
@@ -253,19 +242,8 @@ def test_transient_catalog_read_error_is_retried(
     assert_same_master(products["master"], clean_run.master, differ=("STORE",))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "BUG (the fitsio reader of commit c520967): a real EIO from the kernel while a frame is read "
-        "becomes BadInputError('cannot read the table (OSError: FITSIO status = 107: tried to move past end "
-        "of file ...)'): cfitsio reports its own status, the errno is lost, is_transient() is False, so the "
-        "frame is quarantined as bad input instead of retried, and, its identity recorded in the "
-        "quarantine, skipped as 'still bad' by every later run until the file changes. (astropy's reader "
-        "let OSError(errno 5) through.) Fix: when cfitsio fails, find out whether the OS failed (e.g. read "
-        "the first block with Python's open() and re-raise its OSError) before calling the file bad."
-    ),
-)
+# Was a bug of the fitsio reader (the errno lost inside cfitsio): io.check_fits_file reads the first
+# block with Python's open(), so the kernel's EIO keeps its errno and is retried.
 def test_a_real_kernel_eio_is_transient_not_bad_input(rel_field, tmp_path):
     """/proc/self/mem read at offset 0 fails with a genuine EIO; a frame path linked to it must be retried."""
     from photref_core.io import is_transient, read_catalog
