@@ -41,6 +41,8 @@ from .store import (
     create_frame_axis,
     cut_batches,
     file_identity,
+    hash_arrays,
+    record_results,
     write_frame_axis,
 )
 
@@ -295,28 +297,16 @@ def ingest_image_batch(store, batch: FrameBatch, strict: bool = False) -> list[F
 
 def finalize_image_ingestion(store, results: Iterable[FrameResult]) -> dict:
     """Record quarantines and the pixel group's content version."""
-    import hashlib
-
     group = _open(store, "r+")
-    q = dict(group.attrs.get("quarantine", {}))
-    for r in results:
-        if r.state == QUARANTINED:
-            q[r.path] = {"frame_id": r.frame_id, "reason": r.reason}
-        else:
-            q.pop(r.path, None)
-    group.attrs["quarantine"] = q
-    h = hashlib.sha256()
-    for name in ("frame_id", "frame_state", "frame_mtime_ns", "frame_size"):
-        values = group[name][:]
-        h.update("\0".join(map(str, values)).encode())
-    version = h.hexdigest()[:16]
+    record_results(group, results)
+    version = hash_arrays(group, ("frame_id", "frame_state", "frame_mtime_ns", "frame_size"))
     group.attrs["content_version"] = version
     state = group["frame_state"][:]
     return {
         "content_version": version,
         "frames_in_store": int(state.size),
         "frames_ingested_total": int((state == INGESTED).sum()),
-        "quarantined_total": len(q),
+        "quarantined_total": len(group.attrs["quarantine"]),
     }
 
 

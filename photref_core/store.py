@@ -628,29 +628,34 @@ def ingest_batch(store, batch: FrameBatch, strict: bool = False, reader=read_fra
 # --------------------------------------------------------------------------------------------------
 
 
-def content_version(store) -> str:
-    """A short hash of what the store holds (frames, their states and file identities, sources).
-
-    Downstream results are cached on this: it changes exactly when the ingested data change.
-    """
-    group = open_store(store)
+def hash_arrays(group, names: Sequence[str], extra: str = "") -> str:
+    """A short hash of a group's arrays ``names`` (and ``extra`` text): a content version."""
     h = hashlib.sha256()
-    for name in ("frame_id", "frame_state", "frame_mtime_ns", "frame_size", "source_id", "in_catalog"):
+    for name in names:
         values = group[name][:]
         h.update(name.encode())
         if values.dtype.kind in "OTU":
             h.update("\0".join(map(str, values)).encode())
         else:
             h.update(np.ascontiguousarray(values).tobytes())
-    h.update(
-        f"{group['mag'].dtype} {group['mag'].shape} {group.attrs.get('photometry_revision', 0)}".encode()
-    )
+    h.update(extra.encode())
     return h.hexdigest()[:16]
 
 
-def finalize_ingestion(store, results: Iterable[FrameResult]) -> dict:
-    """Record the writers' quarantines and the new content version; return a summary dictionary."""
-    group = open_store(store, "r+")
+def content_version(store) -> str:
+    """A short hash of what the store holds (frames, their states and file identities, sources).
+
+    Downstream results are cached on this: it changes exactly when the ingested data change.
+    """
+    group = open_store(store)
+    names = ("frame_id", "frame_state", "frame_mtime_ns", "frame_size", "source_id", "in_catalog")
+    mag = group["mag"]
+    return hash_arrays(group, names, f"{mag.dtype} {mag.shape} {group.attrs.get('photometry_revision', 0)}")
+
+
+def record_results(group, results: Iterable[FrameResult]) -> tuple[int, int]:
+    """Add the writers' quarantines to the group's ``quarantine`` record (and drop frames that are good
+    again); returns (frames ingested, frames quarantined)."""
     q = dict(group.attrs.get("quarantine", {}))
     n_ok = n_bad = 0
     for r in results:
@@ -661,6 +666,13 @@ def finalize_ingestion(store, results: Iterable[FrameResult]) -> dict:
             n_ok += 1
             q.pop(r.path, None)
     group.attrs["quarantine"] = q
+    return n_ok, n_bad
+
+
+def finalize_ingestion(store, results: Iterable[FrameResult]) -> dict:
+    """Record the writers' quarantines and the new content version; return a summary dictionary."""
+    group = open_store(store, "r+")
+    n_ok, n_bad = record_results(group, results)
     version = content_version(store)
     group.attrs["content_version"] = version
     state = group["frame_state"][:]
@@ -668,7 +680,7 @@ def finalize_ingestion(store, results: Iterable[FrameResult]) -> dict:
         "content_version": version,
         "frames_in_store": int(state.size),
         "frames_ingested_total": int((state == INGESTED).sum()),
-        "frames_quarantined_total": len(q),
+        "frames_quarantined_total": len(group.attrs["quarantine"]),
         "ingested_now": n_ok,
         "quarantined_now": n_bad,
     }
