@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-outlier-average", choices=["median", "mean"], default="median")
     p.add_argument("--fit-max-rej-iter", type=int, default=20)
     p.add_argument("--scatter-quantity", choices=["medianmeddev", "mediandev"], default="medianmeddev")
-    p.add_argument("--block-mib", type=int, default=64, help="memory budget of one out-of-core block")
+    p.add_argument("--block-mib", type=float, default=64, help="memory budget of one out-of-core block")
     p.add_argument("--no-plots", action="store_true")
     _runner_options(p)
     p.set_defaults(func=_cmd_master)

@@ -89,7 +89,7 @@ def build_master_photref(
     fit_max_rej_iter: int = 20,
     scatter_quantity: Literal["medianmeddev", "mediandev"] = "medianmeddev",
     extra_header: dict | None = None,
-    block_mib: int = 64,
+    block_mib: float = 64,
     plots: bool = True,
     lock_timeout: float | None = 0.0,
 ) -> dict:
@@ -115,7 +115,7 @@ def build_master_photref(
         Scatter fit (SPEC 4, 5).
     extra_header : dict, optional
         Keywords for the master's primary header.
-    block_mib : int
+    block_mib : float
         Memory budget of one out-of-core source block, in MiB.
     plots : bool
         Write the PNG plots.
@@ -152,7 +152,7 @@ def build_master_photref(
 
         # Each step is submitted to the task runner (so it runs on the Dask cluster when there is one)
         # and awaited: the next step needs its result.
-        block_bytes = int(block_mib) * 2**20
+        block_bytes = max(1, int(block_mib * 2**20))
         has_group = partial(store_has_group, store)
         stats_group = _run_step(compute_statistics, (store, params, block_bytes), has_group)
         fit_group = _run_step(fit_scatter, (store, stats_group, catalog, params), has_group)

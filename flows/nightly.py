@@ -65,7 +65,7 @@ class NightlySettings(BaseModel):
         Scatter fit (SPEC 4, 5). ``fit_terms`` is parsed (never executed) when the settings are built.
     extra_header : dict, optional
         Keywords for the master's primary header.
-    block_mib : int
+    block_mib : float
         Memory budget of one out-of-core source block, in MiB.
     plots : bool
         Write the PNG plots (and show them in the summary artifact).
@@ -121,7 +121,7 @@ class NightlySettings(BaseModel):
     extra_header: dict[str, str | int | float | bool] | None = Field(
         None, description="Keywords for the master's primary header."
     )
-    block_mib: int = Field(64, gt=0, description="Memory budget of one out-of-core source block, in MiB.")
+    block_mib: float = Field(64, gt=0, description="Memory budget of one out-of-core source block, in MiB.")
     plots: bool = Field(True, description="Write the PNG plots.")
     lock_timeout: float | None = Field(
         1800.0,

@@ -11,7 +11,8 @@ Layout (root group)::
     frame_mtime_ns    (frame,)                     int64 file identity: modification time ...
     frame_size        (frame,)                     int64 ... and size
     frame_state       (frame,)                     int8  0 pending, 1 ingested, 2 quarantined
-    attrs: photref_schema, n_photometries, frames_per_chunk, quarantine, content_version, catalog
+    attrs: photref_schema, n_photometries (n_file_photometries, photometry_names when photometries were
+           added), frames_per_chunk, axes (committed sizes), quarantine, content_version, catalog
 
 Why it is safe to write in parallel without locks (zarr has none): the frame axis is cut into chunks of
 ``frames_per_chunk`` frames, and one writer owns every chunk of its frames (``mag``, ``mag_err`` and the

@@ -46,7 +46,7 @@ def test_flows_on_a_dask_cluster_match_local_threads(prefect_server, field, tmp_
             tmp_path / "dask.fits",
             frames=glob,
             dask_address=cluster.scheduler_address,
-            block_mib=1,
+            block_mib=0.05,  # several source blocks, so they spread over the cluster
         )
         from distributed import Client
 
