@@ -41,8 +41,8 @@ from .store import (
     create_frame_axis,
     cut_batches,
     file_identity,
+    finish_ingestion,
     hash_arrays,
-    record_results,
     write_frame_axis,
 )
 
@@ -296,18 +296,11 @@ def ingest_image_batch(store, batch: FrameBatch, strict: bool = False) -> list[F
 
 
 def finalize_image_ingestion(store, results: Iterable[FrameResult]) -> dict:
-    """Record quarantines and the pixel group's content version."""
+    """Record quarantines and the pixel group's content version; return the summary of
+    :func:`photref_core.store.finish_ingestion`."""
     group = _open(store, "r+")
-    record_results(group, results)
-    version = hash_arrays(group, ("frame_id", "frame_state", "frame_mtime_ns", "frame_size"))
-    group.attrs["content_version"] = version
-    state = group["frame_state"][:]
-    return {
-        "content_version": version,
-        "frames_in_store": int(state.size),
-        "frames_ingested_total": int((state == INGESTED).sum()),
-        "quarantined_total": len(group.attrs["quarantine"]),
-    }
+    names = ("frame_id", "frame_state", "frame_mtime_ns", "frame_size")
+    return finish_ingestion(group, results, lambda: hash_arrays(group, names))
 
 
 def ingested_frames(store) -> np.ndarray:

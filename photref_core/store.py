@@ -673,12 +673,17 @@ def record_results(group, results: Iterable[FrameResult]) -> tuple[int, int]:
 def finalize_ingestion(store, results: Iterable[FrameResult]) -> dict:
     """Record the writers' quarantines and the new content version; return a summary dictionary."""
     group = open_store(store, "r+")
+    return finish_ingestion(group, results, lambda: content_version(store))
+
+
+def finish_ingestion(group, results: Iterable[FrameResult], version) -> dict:
+    """The end of any ingestion (frames or images): record quarantines, store the new content version
+    (``version()`` computes it once the quarantines are recorded), and summarise."""
     n_ok, n_bad = record_results(group, results)
-    version = content_version(store)
-    group.attrs["content_version"] = version
+    group.attrs["content_version"] = current = version()
     state = group["frame_state"][:]
     return {
-        "content_version": version,
+        "content_version": current,
         "frames_in_store": int(state.size),
         "frames_ingested_total": int((state == INGESTED).sum()),
         "frames_quarantined_total": len(group.attrs["quarantine"]),
