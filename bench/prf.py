@@ -44,8 +44,9 @@ from photref_core.prf import PRFModel, PRFParameters, build_geometry
 from photref_core.simulate_images import make_wcs, prf_design
 
 PIXSCALE = 0.275
-PRF = dict(fwhm=2.0, beta=3.0, ellipticity=0.15, theta=30.0, wing_fraction=0.03, wing_fwhm=10.0,
-           wing_beta=2.5)
+PRF = dict(
+    fwhm=2.0, beta=3.0, ellipticity=0.15, theta=30.0, wing_fraction=0.03, wing_fwhm=10.0, wing_beta=2.5
+)
 AREA_PER_SOURCE = 667.0  # px^2 per source
 GAIN, RDNOISE, SKY = 2.0, 3.0, 20.0
 BATCH = 20
@@ -61,8 +62,15 @@ def make_field(nsrc, seed):
     ra, dec = wcs.all_pix2world(x, y, 0)
     mean_flux = np.exp(rng.uniform(np.log(2e3), np.log(2e5), nsrc))
     design = prf_design(x, y, (size, size), PRF, stamp_radius=16, nsub=3).tocsr()
-    return dict(size=size, wcs=wcs, ra=ra, dec=dec, flux=mean_flux, design=design,
-                catalog_flux=mean_flux * np.exp(0.15 * rng.standard_normal(nsrc)))
+    return dict(
+        size=size,
+        wcs=wcs,
+        ra=ra,
+        dec=dec,
+        flux=mean_flux,
+        design=design,
+        catalog_flux=mean_flux * np.exp(0.15 * rng.standard_normal(nsrc)),
+    )
 
 
 def frames(field, t0, n, rng):
@@ -113,8 +121,8 @@ def baseline_build(flux, err, wcs, ra, dec, f0, params):
     tp = h * np.arange(-3, params.n_phi_knots + 4)
     Rd = BSpline.design_matrix(np.clip(r[sel], 0, params.rmax), tr, 3).toarray()
     Pd = BSpline.design_matrix(np.mod(phi[sel], 2 * np.pi), tp, 3, extrapolate="periodic").toarray()
-    Pd[:, :3] += Pd[:, params.n_phi_knots:]
-    Pd = Pd[:, :params.n_phi_knots]
+    Pd[:, :3] += Pd[:, params.n_phi_knots :]
+    Pd = Pd[:, : params.n_phi_knots]
     cols = []
     for j in range(Rd.shape[1]):
         for m in range(Pd.shape[1]):
@@ -151,8 +159,9 @@ def run_case(nsrc, nframes, n_dense, seed=0):
     params = PRFParameters()
     F0, E0 = frames(field, 0, BATCH, rng)
     t = time.perf_counter()
-    model = PRFModel.build(F0, E0, field["wcs"], field["ra"], field["dec"], field["catalog_flux"],
-                           params=params)
+    model = PRFModel.build(
+        F0, E0, field["wcs"], field["ra"], field["dec"], field["catalog_flux"], params=params
+    )
     t_build = time.perf_counter() - t
     t = time.perf_counter()
     baseline_build(F0, E0, field["wcs"], field["ra"], field["dec"], field["catalog_flux"], params)
@@ -192,17 +201,32 @@ def run_case(nsrc, nframes, n_dense, seed=0):
         worst = max(worst, float(np.max(np.abs(w[ok] - res0.flux[k, ok]) / res0.flux_err[k, ok])))
         worst = max(worst, float(np.max(np.abs(werr[ok] / res0.flux_err[k, ok] - 1))))
     dense = float(np.median(dense_times))
-    return dict(nsrc=nsrc, nframes=nframes, size=field["size"], build=t_build, base_build=t_base_build,
-                geometry=t_geom, fit=per_frame, dense=dense, density=density, groups=plan.n_groups,
-                max_group=int(plan.group_sizes.max()), agree=worst)
+    return dict(
+        nsrc=nsrc,
+        nframes=nframes,
+        size=field["size"],
+        build=t_build,
+        base_build=t_base_build,
+        geometry=t_geom,
+        fit=per_frame,
+        dense=dense,
+        density=density,
+        groups=plan.n_groups,
+        max_group=int(plan.group_sizes.max()),
+        agree=worst,
+    )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: small cases only")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="BLAS threads for both methods (sets OPENBLAS/OMP_NUM_THREADS and re-executes; "
-                         "default: the library default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="BLAS threads for both methods (sets OPENBLAS/OMP_NUM_THREADS and re-executes; "
+        "default: the library default)",
+    )
     args = ap.parse_args()
     if args.threads and os.environ.get("OPENBLAS_NUM_THREADS") != str(args.threads):
         env = dict(os.environ, OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
@@ -210,27 +234,36 @@ def main():
     cases = [(30, 20, 10), (500, 100, 5), (1500, 200, 3)]
     if args.quick:
         cases = [(30, 20, 5), (200, 40, 2)]
-    print(f"photref PRF bench on {platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
-          f"BLAS threads: {os.environ.get('OPENBLAS_NUM_THREADS', 'library default')}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"photref PRF bench on {platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
+        f"BLAS threads: {os.environ.get('OPENBLAS_NUM_THREADS', 'library default')}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     rows = []
     t_all = time.perf_counter()
     for nsrc, nframes, n_dense in cases:
         r = run_case(nsrc, nframes, n_dense)
         rows.append(r)
-        print(f"  {nsrc:5d} sources x {nframes:3d} frames ({r['size']}x{r['size']} px): "
-              f"build {r['build']:.2f} s (baseline {r['base_build']:.2f} s, geometry {r['geometry']:.2f} s); "
-              f"fit {1e3 * r['fit']:.2f} ms/frame (dense {1e3 * r['dense']:.1f} ms/frame); "
-              f"X^T X {100 * r['density']:.2f} % non-zero, {r['groups']} groups (largest {r['max_group']}); "
-              f"max |grouped - dense| {r['agree']:.1e} sigma", flush=True)
+        print(
+            f"  {nsrc:5d} sources x {nframes:3d} frames ({r['size']}x{r['size']} px): "
+            f"build {r['build']:.2f} s (baseline {r['base_build']:.2f} s, geometry {r['geometry']:.2f} s); "
+            f"fit {1e3 * r['fit']:.2f} ms/frame (dense {1e3 * r['dense']:.1f} ms/frame); "
+            f"X^T X {100 * r['density']:.2f} % non-zero, {r['groups']} groups (largest {r['max_group']}); "
+            f"max |grouped - dense| {r['agree']:.1e} sigma",
+            flush=True,
+        )
     print()
-    print("| sources | frames | build [s] | baseline build [s] | build speed-up | fit [ms/frame] "
-          "| dense fit [ms/frame] | fit speed-up | X^T X non-zero | max diff [sigma] |")
+    print(
+        "| sources | frames | build [s] | baseline build [s] | build speed-up | fit [ms/frame] "
+        "| dense fit [ms/frame] | fit speed-up | X^T X non-zero | max diff [sigma] |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['nsrc']} | {r['nframes']} | {r['build']:.2f} | {r['base_build']:.2f} | "
-              f"{r['base_build'] / r['build']:.1f}x | {1e3 * r['fit']:.2f} | {1e3 * r['dense']:.1f} | "
-              f"{r['dense'] / r['fit']:.0f}x | {100 * r['density']:.2f} % | {r['agree']:.1e} |")
+        print(
+            f"| {r['nsrc']} | {r['nframes']} | {r['build']:.2f} | {r['base_build']:.2f} | "
+            f"{r['base_build'] / r['build']:.1f}x | {1e3 * r['fit']:.2f} | {1e3 * r['dense']:.1f} | "
+            f"{r['dense'] / r['fit']:.0f}x | {100 * r['density']:.2f} % | {r['agree']:.1e} |"
+        )
     print(f"\ntotal bench time {time.perf_counter() - t_all:.0f} s")
 
 

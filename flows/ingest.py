@@ -18,7 +18,7 @@ from prefect.futures import as_completed
 from photref_core.store import store_lock
 from tasks.ingest import finalize_ingestion, ingest_frame_chunk, plan_ingestion
 
-from .runners import make_task_runner
+from .runners import make_task_runner, run_by_hand
 
 
 def expand_frame_paths(patterns: Iterable[str]) -> list[str]:
@@ -134,9 +134,12 @@ def ingest_frames(
 
 
 def run_ingest(store, frames, catalog=None, max_workers=None, dask_address=None, **kwargs) -> dict:
-    """Run :func:`ingest_frames` with a chosen task runner (bounded threads or a Dask scheduler)."""
-    runner = make_task_runner(max_workers, dask_address)
-    return ingest_frames.with_options(task_runner=runner)(
+    """Run :func:`ingest_frames` by hand (see :func:`flows.runners.run_by_hand`): a chosen task runner
+    (bounded threads or a Dask scheduler), no flow-run heartbeat unless one is configured."""
+    return run_by_hand(
+        ingest_frames,
+        max_workers,
+        dask_address,
         store=os.fspath(store),
         frames=[os.fspath(f) for f in frames],
         catalog=None if catalog is None else os.fspath(catalog),

@@ -5,6 +5,9 @@ DAG::
     validate-fit-terms -> [ingest-frames subflow] -> statistics -> scatter-fit -> master-products
                                                                                   -> summary artifacts
 
+The ingestion subflow runs when frames are given and one of them is new or changed (or the catalog adds
+stars); otherwise it is left out (a read-only check of the store, logged).
+
 Every step is cached: an unchanged re-run returns at once; new frames change the store's content
 version, so the statistics and everything after them run again; a changed fit threshold re-runs only the
 scatter fit and the products.
@@ -22,13 +25,15 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 
+from photref_core.errors import BadInputError, StoreError
 from photref_core.fitterms import DEFAULT_FIT_TERMS
+from photref_core.io import read_catalog
 from photref_core.reference import MasterParameters, statistics_path
-from photref_core.store import store_lock
+from photref_core.store import ingestion_needed, store_lock
 from tasks.master import compute_statistics, fit_scatter, store_has_group, validate_fit_terms, write_products
 
-from .ingest import ingest_frames
-from .runners import make_task_runner
+from .ingest import expand_frame_paths, ingest_frames
+from .runners import make_task_runner, run_by_hand
 
 
 def _image_markdown(path: str, max_bytes: int = 400_000) -> str:
@@ -60,6 +65,15 @@ def _summary_markdown(products: dict, params: MasterParameters, term_names: list
     for plot in products["plots"]:
         lines += ["", f"`{plot}`", "", _image_markdown(plot)]
     return "\n".join(lines)
+
+
+def _ingestion_needed(store: str, frames: list[str], catalog: str) -> bool:
+    """Whether the ingestion subflow has anything to do (a read-only check, much cheaper than a subflow
+    run); when the check cannot tell (an I/O error), the subflow runs and reports."""
+    try:
+        return ingestion_needed(store, expand_frame_paths(frames), read_catalog(catalog))
+    except (OSError, StoreError, BadInputError):
+        return True
 
 
 def _run_step(task, args: tuple, still_valid):
@@ -143,12 +157,14 @@ def build_master_photref(
     )
     term_names = validate_fit_terms(fit_terms, catalog)
     with store_lock(store, timeout=lock_timeout):
-        if frames:
+        if frames and _ingestion_needed(store, frames, catalog):
             # The ingestion subflow runs on this run's task runner (threads or the Dask cluster).
             runner = FlowRunContext.get().task_runner.duplicate()
             ingest_frames.with_options(task_runner=runner)(
                 store=store, frames=frames, catalog=catalog, strict=strict, lock_timeout=lock_timeout
             )
+        elif frames:
+            logger.info("no new or changed frame among %s: ingestion left out", frames)
 
         # Each step is submitted to the task runner (so it runs on the Dask cluster when there is one)
         # and awaited: the next step needs its result.
@@ -181,8 +197,14 @@ def build_master_photref(
 
 
 def run_master(store, catalog, output, max_workers=None, dask_address=None, **kwargs) -> dict:
-    """Run :func:`build_master_photref` with a chosen task runner (bounded threads or a Dask scheduler)."""
-    runner = make_task_runner(max_workers, dask_address)
-    return build_master_photref.with_options(task_runner=runner)(
-        store=os.fspath(store), catalog=os.fspath(catalog), output=os.fspath(output), **kwargs
+    """Run :func:`build_master_photref` by hand (see :func:`flows.runners.run_by_hand`): a chosen task
+    runner (bounded threads or a Dask scheduler), no flow-run heartbeat unless one is configured."""
+    return run_by_hand(
+        build_master_photref,
+        max_workers,
+        dask_address,
+        store=os.fspath(store),
+        catalog=os.fspath(catalog),
+        output=os.fspath(output),
+        **kwargs,
     )

@@ -34,7 +34,7 @@ from tasks.prf import (
 from tasks.prf import write_products as write_prf_products
 
 from .master_photref import _image_markdown
-from .runners import make_task_runner
+from .runners import make_task_runner, run_by_hand
 
 
 @flow(name="prf-photometry", flow_run_name="prf {store}", task_runner=make_task_runner())
@@ -156,9 +156,12 @@ def solve_prf(
 
 
 def run_prf(store, images, catalog, output, max_workers=None, dask_address=None, **kwargs) -> dict:
-    """Run :func:`solve_prf` with a chosen task runner (bounded threads or a Dask scheduler)."""
-    runner = make_task_runner(max_workers, dask_address)
-    return solve_prf.with_options(task_runner=runner)(
+    """Run :func:`solve_prf` by hand (see :func:`flows.runners.run_by_hand`): a chosen task runner
+    (bounded threads or a Dask scheduler), no flow-run heartbeat unless one is configured."""
+    return run_by_hand(
+        solve_prf,
+        max_workers,
+        dask_address,
         store=os.fspath(store),
         images=[os.fspath(i) for i in images],
         catalog=os.fspath(catalog),

@@ -169,6 +169,12 @@ def compute_statistics(store, params: MasterParameters, block_bytes: int = 64 * 
     return name
 
 
+def load_group(store, name: str) -> xr.Dataset:
+    """A result group of the store (statistics, fit), read into memory (without dask: the groups are
+    small, one chunk per variable)."""
+    return xr.open_zarr(os.fspath(store), group=name, consolidated=False, chunks=None).load()
+
+
 def _catalog_columns(catalog, source_ids: np.ndarray, in_catalog: np.ndarray) -> dict[str, np.ndarray]:
     """Catalog columns aligned with ``source_ids`` (NaN for stars not in the catalog)."""
     cat_ids = np.asarray(catalog["source_id"], dtype=np.uint64)
@@ -201,7 +207,7 @@ def fit_statistics(store, statistics_group: str, catalog_path, params: MasterPar
         When a photometry has fewer usable stars than terms (names the photometry and the counts).
     """
     url = os.fspath(store)
-    stats = xr.open_zarr(url, group=statistics_group, consolidated=False).load()
+    stats = load_group(url, statistics_group)
     terms = parse_fit_terms(params.fit_terms)
     catalog = read_catalog(catalog_path)
     terms.check_columns(list(catalog.colnames) + ["magnitude"])
@@ -273,8 +279,8 @@ def _file_identity(path) -> list:
 def load_results(store, statistics_group: str, fit_group: str) -> xr.Dataset:
     """Statistics and fit merged in one dataset (dims source x photometry), in memory."""
     url = os.fspath(store)
-    stats = xr.open_zarr(url, group=statistics_group, consolidated=False).load()
-    fit = xr.open_zarr(url, group=fit_group, consolidated=False).load()
+    stats = load_group(url, statistics_group)
+    fit = load_group(url, fit_group)
     merged = stats.assign({k: fit[k] for k in ("enough", "scatter_excess", "in_master", "in_fit", "usable")})
     merged = merged.assign({"coefficients": fit["coefficients"], "rms": fit["rms"], "n_fits": fit["n_fits"]})
     return merged.assign_coords(term_name=fit["term_name"])

@@ -331,6 +331,103 @@ def _source_axis_chunking(group, n_sources):
     return s
 
 
+def _known_frames(group) -> tuple[dict, dict, dict]:
+    """What the store knows of its frames: ``{path: (slot, frame_id, state, mtime_ns, size)}``,
+    ``{frame_id: slot}`` and the quarantine records (all empty for no store)."""
+    known: dict[str, tuple[int, str, int, int, int]] = {}
+    slot_of_id: dict[str, int] = {}
+    if group is None:
+        return known, slot_of_id, {}
+    meta = {name: group[name][:] for name in _FRAME_META + ("frame_state",)}
+    for slot, fid in enumerate(meta["frame_id"]):
+        slot_of_id[str(fid)] = slot
+        known[str(meta["frame_path"][slot])] = (
+            slot,
+            str(fid),
+            int(meta["frame_state"][slot]),
+            int(meta["frame_mtime_ns"][slot]),
+            int(meta["frame_size"][slot]),
+        )
+    return known, slot_of_id, dict(group.attrs.get("quarantine", {}))
+
+
+def _classify_frames(paths: list[str], known: dict, quarantine_prev: dict, strict: bool):
+    """Split frame paths into (skipped, to_scan, identities, quarantined).
+
+    Skipped: ingested (or quarantined) before from a file with the same path, mtime and size, so not
+    opened again. Quarantined: files that cannot be stat'ed. To scan: everything else.
+    """
+    skipped, to_scan, identities, quarantined = [], [], {}, {}
+    for path in paths:
+        try:
+            identities[path] = file_identity(path)
+        except OSError as exc:
+            reason = (
+                "file does not exist"
+                if isinstance(exc, FileNotFoundError)
+                else (f"cannot stat the file ({exc.strerror or exc})")
+            )
+            if strict:
+                raise BadInputError(path, reason) from exc
+            quarantined[path] = {"frame_id": None, "reason": reason}
+            continue
+        prev = known.get(path)
+        if prev is not None and prev[2] in (INGESTED, QUARANTINED) and prev[3:] == identities[path]:
+            skipped.append(path)
+            continue
+        q = quarantine_prev.get(path)
+        if (
+            q is not None
+            and (prev is None or prev[2] == QUARANTINED)
+            and tuple(q.get("identity", ())) == identities[path]
+        ):
+            skipped.append(path)  # bad before, unchanged since: still bad, nothing to redo
+            continue
+        to_scan.append(path)
+    return skipped, to_scan, identities, quarantined
+
+
+def ingestion_needed(store, frame_paths: Iterable[str | os.PathLike], catalog=None) -> bool:
+    """Whether :func:`plan_ingestion` would change anything for these frames and catalog (read only).
+
+    False only when the store exists, its last plan finished, every frame was ingested (or quarantined)
+    before from an unchanged file, and the catalog adds no source and changes no ``in_catalog`` flag: an
+    ingestion run would then read nothing and write nothing, and may be left out.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Store directory or fsspec URL.
+    frame_paths : iterable of path
+        Frame photometry files.
+    catalog : astropy.table.Table, optional
+        From :func:`photref_core.io.read_catalog`, as it would be given to :func:`plan_ingestion`.
+    """
+    url = _url(store)
+    if not store_exists(url):
+        return True
+    group = open_store(url)
+    n_frames, n_sources = committed_sizes(group)
+    if group["frame_id"].shape[0] != n_frames or group["source_id"].shape[0] != n_sources:
+        return True  # a plan was killed half-way: the next plan cleans up
+    paths = list(dict.fromkeys(os.path.abspath(os.fspath(p)) for p in frame_paths))
+    known, _, quarantine_prev = _known_frames(group)
+    _, to_scan, _, unreadable = _classify_frames(paths, known, quarantine_prev, strict=False)
+    if to_scan or unreadable:
+        return True
+    if catalog is not None:
+        catalog_ids = np.asarray(catalog["source_id"], dtype=np.uint64)
+        source_ids = group["source_id"][:]
+        in_catalog = np.isin(source_ids, catalog_ids)
+        if np.count_nonzero(in_catalog) != np.unique(catalog_ids).size:
+            return True  # stars of the catalog without a source slot yet
+        if not np.array_equal(group["in_catalog"][:], in_catalog):
+            return True
+        if "path" in catalog.meta and group.attrs.get("catalog") != catalog.meta["path"]:
+            return True
+    return False
+
+
 def plan_ingestion(
     store,
     frame_paths: Iterable[str | os.PathLike],
@@ -377,45 +474,8 @@ def plan_ingestion(
     if group is not None:
         _drop_uncommitted(group)
 
-    known: dict[str, tuple[int, str, int, int, int]] = {}  # path -> (slot, frame_id, state, mtime, size)
-    slot_of_id: dict[str, int] = {}
-    quarantine_prev: dict = {}
-    if group is not None:
-        meta = {name: group[name][:] for name in _FRAME_META + ("frame_state",)}
-        for slot, fid in enumerate(meta["frame_id"]):
-            slot_of_id[str(fid)] = slot
-            known[str(meta["frame_path"][slot])] = (
-                slot,
-                str(fid),
-                int(meta["frame_state"][slot]),
-                int(meta["frame_mtime_ns"][slot]),
-                int(meta["frame_size"][slot]),
-            )
-        quarantine_prev = dict(group.attrs.get("quarantine", {}))
-
-    skipped, to_scan, identities, quarantined = [], [], {}, {}
-    for path in paths:
-        try:
-            identities[path] = file_identity(path)
-        except OSError as exc:
-            reason = (
-                "file does not exist"
-                if isinstance(exc, FileNotFoundError)
-                else (f"cannot stat the file ({exc.strerror or exc})")
-            )
-            if strict:
-                raise BadInputError(path, reason) from exc
-            quarantined[path] = {"frame_id": None, "reason": reason}
-            continue
-        prev = known.get(path)
-        if prev is not None and prev[2] in (INGESTED, QUARANTINED) and prev[3:] == identities[path]:
-            skipped.append(path)
-            continue
-        q = quarantine_prev.get(path)
-        if q is not None and prev is None and tuple(q.get("identity", ())) == identities[path]:
-            skipped.append(path)  # bad before, unchanged since: still bad, nothing to redo
-            continue
-        to_scan.append(path)
+    known, slot_of_id, quarantine_prev = _known_frames(group)
+    skipped, to_scan, identities, quarantined = _classify_frames(paths, known, quarantine_prev, strict)
 
     scanned = _scan(to_scan, scan_workers)
     headers: list[FrameHeader] = []

@@ -478,3 +478,52 @@ def test_a_transient_read_error_is_retried_for_that_frame_only(field, tmp_path):
     batch = FrameBatch(chunk=0, slots=[0], paths=[str(frames[0])], frame_ids=["x"])
     (result,) = ingest_batch(tmp_path / "t.zarr", batch, reader=counting_reader)
     assert result.reason.startswith("not a FITS file") and calls == [str(frames[0])]
+
+
+def _ingest_plain(store, paths, catalog):
+    """Ingestion without Prefect (the core calls the flow makes)."""
+    from photref_core.store import finalize_ingestion, ingest_batch, plan_ingestion
+
+    plan = plan_ingestion(store, paths, catalog=catalog)
+    return finalize_ingestion(store, [r for batch in plan.batches for r in ingest_batch(store, batch)])
+
+
+def test_ingestion_needed_is_false_only_when_a_run_would_change_nothing(field, tmp_path):
+    from photref_core.store import ingestion_needed, plan_ingestion
+
+    root, frames, catalog_path = field
+    catalog = read_catalog(catalog_path)
+    store = tmp_path / "s.zarr"
+    paths = [str(p) for p in frames[:-1]]
+    assert ingestion_needed(store, paths, catalog)  # no store yet
+    _ingest_plain(store, paths, catalog)
+    assert not ingestion_needed(store, paths, catalog)
+    assert not ingestion_needed(store, paths[:5], catalog)  # a subset of what is in the store
+    assert not ingestion_needed(store, paths, None)
+
+    assert ingestion_needed(store, [str(p) for p in frames], catalog)  # a new frame
+    assert ingestion_needed(store, paths + [str(root / "missing.fits")], catalog)  # to report it
+    os.utime(frames[0], ns=(time.time_ns(), time.time_ns()))  # a changed file
+    assert ingestion_needed(store, paths, catalog)
+    _ingest_plain(store, paths, catalog)
+    assert not ingestion_needed(store, paths, catalog)
+
+    # A catalog with one more star, or one star fewer: the source axis or in_catalog would change.
+    extra = catalog.copy()
+    extra.add_row(extra[0])
+    extra["source_id"][-1] = int(extra["source_id"].max()) + 1
+    assert ingestion_needed(store, paths, extra)
+    assert ingestion_needed(store, paths, catalog[1:])
+
+    # A quarantined frame, unchanged since, is not read again.
+    Path(paths[3]).write_bytes(b"not a FITS file")
+    _ingest_plain(store, paths, catalog)
+    assert open_store(store).attrs["quarantine"][paths[3]]["reason"]
+    assert not ingestion_needed(store, paths, catalog)
+
+    # A plan killed before it committed its axes: the next plan must clean up.
+    group = zarr.open_group(str(store), mode="r+")
+    group["frame_id"].resize((group["frame_id"].shape[0] + 4,))
+    assert ingestion_needed(store, paths, catalog)
+    plan_ingestion(store, paths, catalog=catalog)
+    assert not ingestion_needed(store, paths, catalog)

@@ -46,13 +46,30 @@ def task_states(flow_run_id) -> dict[str, str]:
     return asyncio.run(read())
 
 
+def subflow_names(flow_run_id) -> list[str]:
+    """Names of the subflow runs of a flow run, read back from the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+                )
+            )
+            return sorted(r.name for r in runs)
+
+    return asyncio.run(read())
+
+
 def run_with_state(store, catalog, output, **kw):
     from flows.master_photref import build_master_photref
 
     state = build_master_photref(
         store=str(store), catalog=str(catalog), output=str(output), return_state=True, **kw
     )
-    return state.result(), task_states(state.state_details.flow_run_id)
+    return state.result(), task_states(state.state_details.flow_run_id), state.state_details.flow_run_id
 
 
 def test_master_products_follow_the_spec(prefect_server, field, tmp_path):
@@ -135,19 +152,21 @@ def test_caching_unchanged_new_frame_and_changed_threshold(prefect_server, field
     root, frames, catalog = field
     store, output = tmp_path / "s.zarr", tmp_path / "master.fits"
     first = [str(p) for p in frames[:-1]]
-    p1, states1 = run_with_state(store, catalog, output, frames=first)
+    p1, states1, run1 = run_with_state(store, catalog, output, frames=first)
     assert states1["statistics " + str(store)] == "Completed"
+    assert subflow_names(run1) == [f"ingest {store}"]
     mtime = output.stat().st_mtime_ns
 
-    # Unchanged: every step cached, the master untouched.
-    p2, states2 = run_with_state(store, catalog, output, frames=first)
+    # Unchanged: every step cached, the master untouched, no ingestion subflow (nothing to ingest).
+    p2, states2, run2 = run_with_state(store, catalog, output, frames=first)
     assert p2 == p1
     assert states2["statistics " + str(store)] == "Cached"
     assert states2[f"write {output}"] == "Cached"
     assert output.stat().st_mtime_ns == mtime
+    assert subflow_names(run2) == []
 
     # A changed fit threshold: statistics cached, fit and products run again.
-    p3, states3 = run_with_state(store, catalog, output, frames=first, fit_outlier_threshold=2.5)
+    p3, states3, _ = run_with_state(store, catalog, output, frames=first, fit_outlier_threshold=2.5)
     assert states3["statistics " + str(store)] == "Cached"
     assert [v for k, v in states3.items() if k.startswith("scatter fit")] == ["Completed"]
     assert states3[f"write {output}"] == "Completed"
@@ -155,8 +174,9 @@ def test_caching_unchanged_new_frame_and_changed_threshold(prefect_server, field
         assert hdul[0].header["OUTL_THR"] == 2.5
 
     # A new frame: statistics recomputed (test_ingest shows that only the new frame is read).
-    p4, states4 = run_with_state(store, catalog, output, frames=[str(p) for p in frames])
+    p4, states4, run4 = run_with_state(store, catalog, output, frames=[str(p) for p in frames])
     assert states4["statistics " + str(store)] == "Completed"
+    assert subflow_names(run4) == [f"ingest {store}"]
     assert read_master(output)["header"]["NFRAMES"] == len(frames)
 
     # A deleted product is written again even though the step is cached.
@@ -213,3 +233,20 @@ def test_dask_statistics_from_store_match_memory(field, tmp_path):
     expected = source_statistics(g["mag"][:], g["mag_err"][:])
     for name in expected.data_vars:
         np.testing.assert_array_equal(stats[name].values, expected[name].values)
+
+
+def test_runs_by_hand_have_no_heartbeat_unless_one_is_configured(prefect_server):
+    from prefect import flow
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    from flows.runners import run_by_hand
+
+    @flow
+    def heartbeat_frequency():
+        # What Prefect's flow engine reads when it starts the run's heartbeat thread (None: no thread).
+        return get_current_settings().flows.heartbeat_frequency
+
+    assert heartbeat_frequency() == 180  # the flow object itself: Prefect's default
+    assert run_by_hand(heartbeat_frequency) is None
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):  # configured explicitly
+        assert run_by_hand(heartbeat_frequency) == 60

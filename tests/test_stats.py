@@ -295,6 +295,15 @@ def test_matches_reference_on_simulated_data(simulated, center, units):
         assert empty_somewhere  # ... and the empty final K
 
 
+@pytest.mark.parametrize(("center", "units"), [("median", "meddev"), ("mean", "stddev")])
+def test_threads_change_nothing(simulated, center, units):
+    mag, mag_err = simulated
+    params = RejectionParameters(3.0, 10, center, units)
+    one = source_statistics(mag, mag_err, params, threads=1)
+    two = source_statistics(mag, mag_err, params, threads=2)
+    xr.testing.assert_identical(one, two)  # bit for bit, NaNs in the same places
+
+
 def test_matches_reference_on_full_length_light_curves():
     mag, mag_err = simulate(seed=5, nframes=1120, nsources=14, nphot=1)
     params = RejectionParameters()
