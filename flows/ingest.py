@@ -12,12 +12,13 @@ import os
 from collections.abc import Iterable
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
 from photref_core.store import store_lock
 from tasks.ingest import finalize_ingestion, ingest_frame_chunk, plan_ingestion
 
+from .progress import Progress
 from .runners import make_task_runner, run_by_hand
 
 
@@ -106,18 +107,16 @@ def ingest_frames(
             len(plan.skipped),
             len(plan.quarantined),
         )
-        progress = create_progress_artifact(
-            0.0, key="ingestion-progress", description=f"Ingesting {plan.n_to_ingest} frames into {store}"
+        progress = Progress(
+            plan.n_to_ingest, "ingestion-progress", f"Ingesting {plan.n_to_ingest} frames into {store}"
         )
         futures = [ingest_frame_chunk.submit(store, batch, strict) for batch in plan.batches]
         results = []
-        done = 0
         for future in as_completed(futures):
             batch_results = future.result()
             results.extend(batch_results)
-            done += len(batch_results)
-            update_progress_artifact(progress, 100.0 * done / max(plan.n_to_ingest, 1))
-        update_progress_artifact(progress, 100.0)
+            progress.advance(len(batch_results))
+        progress.finish()
         summary = finalize_ingestion(store, results)
         summary.update(
             skipped=len(plan.skipped),

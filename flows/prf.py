@@ -16,7 +16,7 @@ import os
 from typing import Literal
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
 from photref_core.pixels import frame_chunks, prf_model_key
@@ -34,6 +34,7 @@ from tasks.prf import (
 from tasks.prf import write_products as write_prf_products
 
 from .master_photref import _image_markdown
+from .progress import Progress
 from .runners import make_task_runner, run_by_hand
 
 
@@ -128,11 +129,10 @@ def solve_prf(
         model_group = build_model(store, catalog, params, key)
         flux_group = create_fluxes(store, model_group, key)
         chunks = frame_chunks(store)
-        progress = create_progress_artifact(0.0, key="prf-fit-progress", description=f"PRF fits of {store}")
-        done = 0
+        progress = Progress(sum(map(len, chunks)), "prf-fit-progress", f"PRF fits of {store}")
         for future in as_completed([fit_chunk.submit(store, model_group, flux_group, s) for s in chunks]):
-            done += future.result()
-            update_progress_artifact(progress, 100.0 * done / max(sum(map(len, chunks)), 1))
+            progress.advance(future.result())
+        progress.finish()
         products = write_prf_products(store, model_group, flux_group, output, plot)
         if as_photometry:
             products["psf_photometry"] = add_psf_photometry(store, flux_group, zero_point)
