@@ -30,10 +30,11 @@ def expand_frame_paths(patterns: Iterable[str]) -> list[str]:
     """
     paths: list[str] = []
     for pattern in patterns:
-        pattern = os.fspath(pattern)
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        paths.extend(matches)
-    return sorted(dict.fromkeys(os.path.abspath(p) for p in paths))
+        # Made absolute before the glob, so its matches are absolute already (one abspath a pattern
+        # instead of one a file: 10,000 files are a common night).
+        pattern = os.path.abspath(os.fspath(pattern))
+        paths.extend(glob.glob(pattern) if glob.has_magic(pattern) else [pattern])
+    return sorted(dict.fromkeys(paths))
 
 
 def _summary_markdown(store: str, plan, summary: dict, results) -> str:

@@ -2,15 +2,22 @@
 
 DAG::
 
-    validate-fit-terms -> [ingest-frames subflow] -> statistics -> scatter-fit -> master-products
-                                                                                  -> summary artifacts
+    [ingest-frames subflow] -> statistics -> scatter-fit -> master-products -> summary artifacts
+                                                                                (when written now)
+
+Before any task, the flow reads the catalog and checks the fit-terms expression against it (a bad one
+fails the run at once, with the offending text); that check is flow code, not a task, as it does no work
+worth a task run of its own (transient read errors are retried in place).
 
 The ingestion subflow runs when frames are given and one of them is new or changed (or the catalog adds
 stars); otherwise it is left out (a read-only check of the store, logged).
 
 Every step is cached: an unchanged re-run returns at once; new frames change the store's content
 version, so the statistics and everything after them run again; a changed fit threshold re-runs only the
-scatter fit and the products.
+scatter fit and the products. The summary and table artifacts are published by the run that writes the
+products; a run served from the cache logs that the master is unchanged and publishes nothing new (the
+artifacts of the run that wrote it stay the latest versions of their keys, unless another master was
+built since under the same keys).
 """
 
 from __future__ import annotations
@@ -27,10 +34,10 @@ from prefect.context import FlowRunContext
 
 from photref_core.errors import BadInputError, StoreError
 from photref_core.fitterms import DEFAULT_FIT_TERMS
-from photref_core.io import read_catalog
-from photref_core.reference import MasterParameters, statistics_path
+from photref_core.io import read_catalog, retry_transient
+from photref_core.reference import MasterParameters, statistics_path, validate_fit_terms
 from photref_core.store import ingestion_needed, store_lock
-from tasks.master import compute_statistics, fit_scatter, store_has_group, validate_fit_terms, write_products
+from tasks.master import compute_statistics, fit_scatter, store_has_group, write_products
 
 from .ingest import expand_frame_paths, ingest_frames
 from .runners import make_task_runner, run_by_hand
@@ -67,22 +74,24 @@ def _summary_markdown(products: dict, params: MasterParameters, term_names: list
     return "\n".join(lines)
 
 
-def _ingestion_needed(store: str, frames: list[str], catalog: str) -> bool:
+def _ingestion_needed(store: str, frames: list[str], catalog) -> bool:
     """Whether the ingestion subflow has anything to do (a read-only check, much cheaper than a subflow
     run); when the check cannot tell (an I/O error), the subflow runs and reports."""
     try:
-        return ingestion_needed(store, expand_frame_paths(frames), read_catalog(catalog))
+        return ingestion_needed(store, expand_frame_paths(frames), catalog)
     except (OSError, StoreError, BadInputError):
         return True
 
 
-def _run_step(task, args: tuple, still_valid):
+def _run_step(task, args: tuple, still_valid) -> tuple[object, bool]:
     """Run a cached step; when its cached result has gone since (a pruned store group, a deleted file),
-    run it again with a fresh cache entry."""
-    result = task.submit(*args).result()
+    run it again with a fresh cache entry. Returns the result and whether it was served from the cache."""
+    future = task.submit(*args)
+    result = future.result()
     if not still_valid(result):
-        result = task.with_options(refresh_cache=True).submit(*args).result()
-    return result
+        future = task.with_options(refresh_cache=True).submit(*args)
+        result = future.result()
+    return result, future.state.name == "Cached"
 
 
 @flow(name="master-photref", flow_run_name="master {output}", task_runner=make_task_runner())
@@ -155,9 +164,10 @@ def build_master_photref(
         fit_max_rej_iter=fit_max_rej_iter,
         scatter_quantity=scatter_quantity,
     )
-    term_names = validate_fit_terms(fit_terms, catalog)
+    catalog_table = retry_transient(read_catalog, catalog)
+    term_names = validate_fit_terms(fit_terms, catalog_table).term_names
     with store_lock(store, timeout=lock_timeout):
-        if frames and _ingestion_needed(store, frames, catalog):
+        if frames and _ingestion_needed(store, frames, catalog_table):
             # The ingestion subflow runs on this run's task runner (threads or the Dask cluster).
             runner = FlowRunContext.get().task_runner.duplicate()
             ingest_frames.with_options(task_runner=runner)(
@@ -170,13 +180,21 @@ def build_master_photref(
         # and awaited: the next step needs its result.
         block_bytes = max(1, int(block_mib * 2**20))
         has_group = partial(store_has_group, store)
-        stats_group = _run_step(compute_statistics, (store, params, block_bytes), has_group)
-        fit_group = _run_step(fit_scatter, (store, stats_group, catalog, params), has_group)
-        products = _run_step(
+        stats_group, _ = _run_step(compute_statistics, (store, params, block_bytes), has_group)
+        fit_group, _ = _run_step(fit_scatter, (store, stats_group, catalog, params), has_group)
+        products, unchanged = _run_step(
             write_products,
             (store, stats_group, fit_group, catalog, output, params, extra_header, plots),
             lambda p: all(os.path.exists(f) for f in [p["master"], p["statistics"], *p["plots"]]),
         )
+        if unchanged:
+            # Same products as the run that wrote them (their cache key covers every input), and that run
+            # published their summary and table: the latest versions of these artifact keys. Publishing
+            # them again would add identical versions and cost a cached re-run a quarter of its time.
+            logger.info(
+                "master %s unchanged (served from the cache): no new artifact versions", products["master"]
+            )
+            return products
         logger.info("master written to %s (%s)", products["master"], statistics_path(products["master"]).name)
 
         create_markdown_artifact(

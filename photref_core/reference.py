@@ -25,14 +25,15 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 import zarr
+from astropy.table import Table
 
 from . import SOFTWARE
 from .fitterms import DEFAULT_FIT_TERMS, FitTerms, parse_fit_terms
-from .io import read_catalog
+from .io import read_catalog, retry_transient
 from .master import write_master, write_statistics_table
 from .scatter import ScatterFitParameters, fit_scatter
 from .stats import RejectionParameters, enough_flags, source_statistics, source_statistics_dask
-from .store import INGESTED, committed_sizes, frame_table, open_store
+from .store import INGESTED, committed_sizes, frame_states, frame_table, open_store
 
 RESULTS_GROUP = "results"
 
@@ -101,10 +102,18 @@ def statistics_key(content_version: str, params: MasterParameters) -> str:
     return digest(content_version, {k: getattr(params, k) for k in params.STATISTICS_FIELDS})
 
 
-def validate_fit_terms(fit_terms: str, catalog_path: str | os.PathLike) -> FitTerms:
+def validate_fit_terms(fit_terms: str, catalog) -> FitTerms:
     """Parse the expression and check that every variable is a catalog column or ``magnitude``.
 
     Called before any work starts, so a bad expression from the UI costs nothing.
+
+    Parameters
+    ----------
+    fit_terms : str
+        The expression (SPEC 4).
+    catalog : str, os.PathLike or astropy.table.Table
+        The catalog file (read here, transient I/O errors retried) or a table from
+        :func:`photref_core.io.read_catalog`.
 
     Raises
     ------
@@ -114,7 +123,8 @@ def validate_fit_terms(fit_terms: str, catalog_path: str | os.PathLike) -> FitTe
         When the catalog cannot be read or is empty.
     """
     terms = parse_fit_terms(fit_terms)
-    catalog = read_catalog(catalog_path)
+    if not isinstance(catalog, Table):
+        catalog = retry_transient(read_catalog, catalog)
     terms.check_columns(list(catalog.colnames) + ["magnitude"])
     return terms
 
@@ -142,7 +152,7 @@ def compute_statistics(store, params: MasterParameters, block_bytes: int = 64 * 
     version = group.attrs.get("content_version", "")
     name = f"{RESULTS_GROUP}/statistics-{statistics_key(version, params)}"
     n_frames, n_src = committed_sizes(group)  # a plan killed half-way left no phantom slots in use
-    ingested = np.flatnonzero(group["frame_state"][:n_frames] == INGESTED)
+    ingested = np.flatnonzero(frame_states(group, n_frames) == INGESTED)
     source_ids = group["source_id"][:n_src]
     in_catalog = group["in_catalog"][:n_src]
     n_phot = group["mag"].shape[2]

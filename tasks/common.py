@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -20,9 +21,19 @@ def retry_on_transient_io(task, task_run, state) -> bool:
 
 
 def code_version() -> str:
-    """Hash of the photref_core sources: a change of the science invalidates every cached result."""
+    """Hash of the photref_core sources: a change of the science invalidates every cached result.
+
+    Hashed again only when a source file's name, mtime or size changes (every cache key asks for it, so
+    a cached re-run would otherwise read and hash the whole package three times).
+    """
+    files = sorted(_CORE.glob("*.py"))
+    return _hash_sources(tuple((path, path.stat().st_mtime_ns, path.stat().st_size) for path in files))
+
+
+@functools.lru_cache(maxsize=4)
+def _hash_sources(files: tuple[tuple[Path, int, int], ...]) -> str:
     h = hashlib.sha256()
-    for path in sorted(_CORE.glob("*.py")):
+    for path, _, _ in files:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:12]

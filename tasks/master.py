@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from photref_core import reference
 from photref_core.reference import MasterParameters
@@ -60,12 +59,6 @@ def _products_key(context, parameters) -> str:
         parameters.get("plots"),
         _identity(parameters["catalog"]),
     )
-
-
-@task(name="validate-fit-terms", task_run_name="validate {fit_terms}", cache_policy=NO_CACHE, **IO_RETRY)
-def validate_fit_terms(fit_terms: str, catalog: str) -> list[str]:
-    """Parse the fit-terms expression and check its columns against the catalog, before any work."""
-    return reference.validate_fit_terms(fit_terms, catalog).term_names
 
 
 @task(

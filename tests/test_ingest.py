@@ -527,3 +527,42 @@ def test_ingestion_needed_is_false_only_when_a_run_would_change_nothing(field, t
     assert ingestion_needed(store, paths, catalog)
     plan_ingestion(store, paths, catalog=catalog)
     assert not ingestion_needed(store, paths, catalog)
+
+
+def test_frame_states_come_from_the_copy_only_while_it_is_current(field, tmp_path):
+    """The finaliser's one-chunk copy of the markers is read while its tag is the content version; a
+    plan clears the tag, so a running or killed ingestion is seen through the markers themselves."""
+    from photref_core.store import finalize_ingestion, frame_states, ingest_batch, plan_ingestion
+
+    root, frames, catalog_path = field
+    catalog = read_catalog(catalog_path)
+    store = tmp_path / "s.zarr"
+    paths = [str(p) for p in frames]
+    _ingest_plain(store, paths[:-3], catalog)
+    group = open_store(store)
+    assert group.attrs["frame_state_copy"] == group.attrs["content_version"]
+    markers = group["frame_state"][:]
+    assert (markers == INGESTED).all() and np.array_equal(frame_states(group), markers)
+
+    # The fast path really reads the copy: a (deliberately) different copy shows through while tagged.
+    zarr.open_group(str(store), mode="r+")["frame_state_copy"][0] = QUARANTINED
+    assert frame_states(open_store(store))[0] == QUARANTINED
+    zarr.open_group(str(store), mode="r+")["frame_state_copy"][0] = INGESTED
+
+    plan = plan_ingestion(store, paths, catalog=catalog)  # three new frames, pending
+    group = open_store(store)
+    assert group.attrs["frame_state_copy"] is None
+    assert list(frame_states(group)) == [INGESTED] * (len(paths) - 3) + [0] * 3
+    ingest_batch(store, plan.batches[-1])  # killed after one writer: no finaliser
+    assert np.array_equal(frame_states(open_store(store)), open_store(store)["frame_state"][:])
+    assert np.array_equal(frame_states(open_store(store), 2), open_store(store)["frame_state"][:2])
+
+    results = [
+        r
+        for batch in plan_ingestion(store, paths, catalog=catalog).batches
+        for r in ingest_batch(store, batch)
+    ]
+    finalize_ingestion(store, results)
+    group = open_store(store)
+    assert group.attrs["frame_state_copy"] == group.attrs["content_version"]
+    assert (frame_states(group) == INGESTED).all() and frame_states(group).size == len(paths)
