@@ -606,3 +606,53 @@ def test_overwrite(tmp_path):
     fresh = tmp_path / "sub" / "new.fits"
     write_master(fresh, make_stats(seed=12), make_frames(), make_header(), overwrite=False)
     assert os.listdir(fresh.parent) == ["new.fits"]
+
+
+def test_write_group_lays_out_what_to_zarr_does(tmp_path):
+    """Result groups are written with zarr's async API for speed; xarray must see exactly what
+    ``Dataset.to_zarr`` would have written (same arrays, metadata, attributes, values)."""
+    import json
+
+    import xarray as xr
+    import zarr
+
+    from photref_core.reference import load_group, write_group
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(5, 2))
+    values[1, 0] = np.nan
+    ds = xr.Dataset(
+        {
+            "magnitude": (("source", "photometry"), values),
+            "full_count": (("source", "photometry"), rng.integers(0, 9, (5, 2))),
+            "enough": (("source", "photometry"), values > 0),
+            "rms": ("photometry", np.array([0.1, np.nan], dtype=np.float32)),
+            "coefficients": (("photometry", "term"), rng.normal(size=(2, 3))),
+        },
+        coords={
+            "source_id": ("source", np.arange(5, dtype=np.uint64) + 10**18),
+            "term_name": ("term", np.array(["1", "x", "y"], dtype=object)),
+        },
+        attrs={"kind": "photref statistics", "parameters": {"outlier_threshold": 5.0}},
+    )
+    for name in ("a", "b"):
+        zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+    ds.to_zarr(tmp_path / "a.zarr", group="results/g", mode="w", consolidated=False)
+    write_group(tmp_path / "b.zarr", "results/g", ds)
+    assert load_group(tmp_path / "b.zarr", "results/g").identical(
+        load_group(tmp_path / "a.zarr", "results/g")
+    )
+    for variable in ds.variables:
+        a, b = (json.loads((tmp_path / f"{n}.zarr/results/g/{variable}/zarr.json").read_text()) for n in "ab")
+        for key in (
+            "data_type",
+            "shape",
+            "fill_value",
+            "attributes",
+            "dimension_names",
+            "chunk_grid",
+            "codecs",
+        ):
+            assert a[key] == b[key], (variable, key)
+    a, b = (json.loads((tmp_path / f"{n}.zarr/results/g/zarr.json").read_text()) for n in "ab")
+    assert a["attributes"] == b["attributes"]

@@ -79,16 +79,29 @@ class Hooks:
             real_setitem = zarr.Array.__setitem__
             count = [0]
 
-            def setitem(array, selection, value):
-                if fnmatch.fnmatchcase(array.path, pause["pattern"]):
+            def count_and_pause(path):
+                if fnmatch.fnmatchcase(path, pause["pattern"]):
                     with hooks.lock:
                         count[0] += 1
                         nth = count[0]
                     if nth == int(pause["nth"]):
-                        hooks.pause(f"before zarr write #{nth} into {array.path}")
+                        hooks.pause(f"before zarr write #{nth} into {path}")
+
+            def setitem(array, selection, value):
+                count_and_pause(array.path)
                 return real_setitem(array, selection, value)
 
             zarr.Array.__setitem__ = setitem
+
+            # Result groups are written through the async API (photref_core.reference.write_group): the
+            # same count, paused inside zarr's I/O loop (which stops every write of the process there).
+            real_async_setitem = zarr.AsyncArray.setitem
+
+            async def async_setitem(array, selection, value, *args, **kwargs):
+                count_and_pause(array.path)
+                return await real_async_setitem(array, selection, value, *args, **kwargs)
+
+            zarr.AsyncArray.setitem = async_setitem
         elif pause.get("kind") == "replace":
             real_replace = os.replace
 

@@ -149,10 +149,10 @@ class FlakyZarrWrites:
 
         import zarr
 
-        real = zarr.Array.__setitem__
+        real, real_async = zarr.Array.__setitem__, zarr.AsyncArray.setitem
         injector = self
 
-        def setitem(array, selection, value):
+        def fail_first_write(array, selection):
             if any(fnmatch.fnmatchcase(array.path, p) for p in injector.patterns):
                 key = (array.path.split("/")[-1], repr(selection))
                 with injector._lock:
@@ -162,9 +162,17 @@ class FlakyZarrWrites:
                         injector.failed.append(key)
                 if fail:
                     raise OSError(errno.EIO, "Input/output error (injected)", array.path)
+
+        def setitem(array, selection, value):
+            fail_first_write(array, selection)
             return real(array, selection, value)
 
+        async def async_setitem(array, selection, value, *args, **kwargs):  # result groups (write_group)
+            fail_first_write(array, selection)
+            return await real_async(array, selection, value, *args, **kwargs)
+
         monkeypatch.setattr(zarr.Array, "__setitem__", setitem)
+        monkeypatch.setattr(zarr.AsyncArray, "setitem", async_setitem)
         return self
 
 
