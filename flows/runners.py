@@ -12,6 +12,13 @@ heartbeats stop as crashed). So photref's entry points for runs started by hand 
 ``run_master``, ``run_prf``, the ``photref`` command, the demo) run without it, and a cached re-run returns
 at once; deployment runs (``deployments/``) keep Prefect's heartbeat. A heartbeat configured explicitly
 (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` in the environment or the Prefect profile) is always kept.
+
+What Prefect rebuilds for every flow run
+----------------------------------------
+A cached re-run does almost nothing, so Prefect's own per-run costs are most of it. Runs started by hand
+reuse, within a process, what Prefect would rebuild each time: the settings copy, an API client with its
+TLS context (:func:`api_client`), the default local result storage (:func:`_result_storage`) and the
+flow configured with its task runner.
 """
 
 from __future__ import annotations

@@ -250,3 +250,32 @@ def test_runs_by_hand_have_no_heartbeat_unless_one_is_configured(prefect_server)
     assert run_by_hand(heartbeat_frequency) is None
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):  # configured explicitly
         assert run_by_hand(heartbeat_frequency) == 60
+
+
+def test_hand_runs_share_one_client_setup_and_prefects_default_storage(prefect_server):
+    """run_by_hand reuses Prefect's per-run objects: the run's client is the one every get_client() in it
+    hands out, its TLS context is built once per process, and results go where Prefect's default would
+    put them (so cache entries are shared with direct calls of the flows)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext, SyncClientContext
+    from prefect.results import get_default_result_storage
+    from prefect.settings import get_current_settings
+
+    from flows.runners import _tls_context, run_by_hand
+
+    @flow
+    def client_and_storage():
+        client = SyncClientContext.get().client
+        storage = FlowRunContext.get().result_store.result_storage
+        api = get_current_settings().api
+        shared_tls = _tls_context(api.tls_insecure_skip_verify, api.ssl_cert_file)
+        # httpx keeps the TLS context in its connection pool (pinned httpx 0.28).
+        tls = client._client._transport._pool._ssl_context
+        return get_client(sync_client=True) is client, tls is shared_tls, storage
+
+    for _ in range(2):
+        same_client, same_tls, storage = run_by_hand(client_and_storage)
+        assert same_client and same_tls
+    assert Path(storage.basepath) == Path(get_default_result_storage().basepath)
+    assert client_and_storage()[2].basepath == storage.basepath  # the flow object, Prefect's own default
