@@ -403,7 +403,7 @@ def calibrate(n_tasks: int) -> dict:
     """Prefect's cost of one flow run with no task, and per task (best of a few runs: the machine is shared,
     and other users' load only ever adds time). The server's CPU is counted until it is idle again: it digests
     the task runs' events after the flow has returned, on the same cores."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from flows.runners import hand_run_settings
 
     noop_flow = make_noop_flow()
     start = time.perf_counter()
@@ -425,7 +425,7 @@ def calibrate(n_tasks: int) -> dict:
 
     fixed, server_fixed = runs(0, 3)
     with_tasks, server_tasks = runs(n_tasks, 2)
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with hand_run_settings():  # the heartbeat off, as for runs started by hand
         no_heartbeat, _ = runs(0, 3)
     return {
         "warmup_s": warmup,
