@@ -11,8 +11,9 @@ Two shapes (frames x stars x photometries), each in one process, each phase into
 
 Phases, in this order, all on the same frame files:
 
-1. ``plain serial``: the core calls in a plain loop, no Prefect: ``photref_core.store.plan_ingestion``,
-   ``ingest_batch`` for every batch one after the other, ``finalize_ingestion``;
+1. ``plain serial``: the core calls in a plain loop, no Prefect:
+   ``photref_core.ingest.photometry.plan_ingestion``, ``ingest_batch`` for every batch one after the
+   other, ``finalize_ingestion``;
 2. ``plain 2 threads``: the same calls, the batches through a ``ThreadPoolExecutor(max_workers=2)`` (the
    parallelism the flow gets), so that the flow's own cost can be told from the gain of running two
    writers at once;
@@ -264,7 +265,7 @@ def measure(name: str, fn, frames: int, input_bytes: int) -> tuple[Phase, object
 
 def plain_loop(store: str, paths: list[str], workers: int = 1, scan_workers: int = 2) -> dict:
     """The core calls without Prefect: plan, every batch (serially or in a thread pool), finalise."""
-    from photref_core import store as core
+    from photref_core.ingest import photometry as core
 
     plan = core.plan_ingestion(store, paths, scan_workers=scan_workers)
     results = []
@@ -351,7 +352,7 @@ def spot_check(store: str, paths: list[str], n: int = 5, seed: int = 1) -> int:
     """Compare a few frames of the store with their files; return how many were checked (raises if wrong)."""
     import zarr
 
-    from photref_core.io import read_frame
+    from photref_core.ingest.readers import read_frame
 
     group = zarr.open_group(store, mode="r")
     source_id = group["source_id"][:]
@@ -465,12 +466,13 @@ def profile_plain_loop(store: str, paths: list[str], shape: Shape, top: int = 25
     """Where the serial plain loop spends its time: an instrumented breakdown, then cProfile's top list."""
     import zarr
 
-    from photref_core import io as core_io
-    from photref_core import store as core
+    from photref_core.ingest import photometry as core
+    from photref_core.ingest import readers as core_io
+    from photref_core.store import frames as core_frames
 
     timers = {k: _Timer() for k in ("scan", "header", "read", "zget", "zset")}
-    saved = (core._scan, core.read_frame_header, zarr.Array.__getitem__, zarr.Array.__setitem__)
-    core._scan = timers["scan"].wrap(core._scan)
+    saved = (core_frames.scan_files, core.read_frame_header, zarr.Array.__getitem__, zarr.Array.__setitem__)
+    core_frames.scan_files = timers["scan"].wrap(core_frames.scan_files)
     core.read_frame_header = timers["header"].wrap(core_io.read_frame_header)
     zarr.Array.__getitem__ = timers["zget"].wrap(saved[2])
     zarr.Array.__setitem__ = timers["zset"].wrap(saved[3])
@@ -490,7 +492,7 @@ def profile_plain_loop(store: str, paths: list[str], shape: Shape, top: int = 25
         core.finalize_ingestion(store, results)
         t3 = time.perf_counter()
     finally:
-        core._scan, core.read_frame_header, zarr.Array.__getitem__, zarr.Array.__setitem__ = saved
+        core_frames.scan_files, core.read_frame_header, zarr.Array.__getitem__, zarr.Array.__setitem__ = saved
     n = len(paths)
     total = t3 - t0
     scan, read = timers["scan"].seconds, timers["read"].seconds
@@ -543,7 +545,7 @@ def profile_plain_loop(store: str, paths: list[str], shape: Shape, top: int = 25
 def _read_fits_table_numpy(path: str):
     """Minimal FITS reader for the bench's own files (primary HDU + one plain BINTABLE, no heap/scaling):
     the header cards are parsed by hand and the rows viewed with ``np.frombuffer``. Only a probe of what a
-    fast path in ``photref_core.io`` could gain; it handles none of the cases astropy does."""
+    fast path in ``photref_core.ingest.readers`` could gain; it handles none of the cases astropy does."""
     with open(path, "rb") as f:
         buf = f.read()
     offset, header = 0, {}
@@ -579,13 +581,13 @@ def _read_fits_table_numpy(path: str):
 
 def _fits_probe(paths: list[str], n: int = 200) -> None:
     """Time ``read_frame_header``/``read_frame`` (astropy) against the minimal numpy reader, same files."""
-    from photref_core.io import read_frame, read_frame_header
+    from photref_core.ingest.readers import read_frame, read_frame_header
 
     sample = paths[:n]
     rows = []
     for label, fn in (
-        ("photref_core.io.read_frame_header", read_frame_header),
-        ("photref_core.io.read_frame", read_frame),
+        ("photref_core.ingest.readers.read_frame_header", read_frame_header),
+        ("photref_core.ingest.readers.read_frame", read_frame),
         ("numpy reader (header parse + frombuffer)", _read_fits_table_numpy),
     ):
         start = time.perf_counter()

@@ -37,19 +37,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import PeakRSS, load_average, machine_description, print_table  # noqa: E402
-from photref_core.io import read_catalog, valid_measurements  # noqa: E402
-from photref_core.master import write_master  # noqa: E402
-from photref_core.reference import (  # noqa: E402
-    MasterParameters,
+from photref_core.catalog import read_catalog
+from photref_core.ingest.arrays import store_from_arrays
+from photref_core.ingest.readers import valid_measurements
+from photref_core.master.fits import write_master
+from photref_core.master.parameters import MasterParameters, master_header
+from photref_core.master.stats import RejectionParameters, source_statistics
+from photref_core.master.steps import (
     compute_statistics,
     fit_statistics,
-    master_header,
     merge_results,
     scatter_fit_dataset,
     write_products,
 )
-from photref_core.stats import RejectionParameters, source_statistics  # noqa: E402
-from photref_core.store import store_from_arrays  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "bench-output" / "master"
 

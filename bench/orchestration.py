@@ -6,10 +6,10 @@ What is measured
 For each size (default 1,000 and 10,000 frames; ``--quick``: 100), frames of 50 stars x 2 photometries,
 in this order, each phase on fresh stores:
 
-1. ``plain ingest``: ``photref_core.store.plan_ingestion``, ``ingest_batch`` for every batch one after the
-   other, ``finalize_ingestion`` (no Prefect), with the flow's default chunking
+1. ``plain ingest``: ``photref_core.ingest.photometry.plan_ingestion``, ``ingest_batch`` for every batch
+   one after the other, ``finalize_ingestion`` (no Prefect), with the flow's default chunking
    (``frames_per_chunk_for``: 64 frames a chunk for frames this small);
-2. ``plain master``: ``photref_core.reference.build_master`` on that store (fit-terms check, statistics,
+2. ``plain master``: ``photref_core.master.steps.build_master`` on that store (fit-terms check, statistics,
    scatter fit, master, statistics table and plots), what the master flow runs minus Prefect;
 3. ``ingest flow``: ``flows.ingest.run_ingest(..., max_workers=2)`` into a new store (plan task, one task
    per frame chunk on a 2-thread ``ThreadPoolTaskRunner``, finalise task, progress and summary
@@ -173,8 +173,8 @@ def write_frames(workdir: Path, n_frames: int, seed: int = 0) -> tuple[Path, Pat
 def plain_ingest(store: Path, pattern: str, catalog: Path) -> dict:
     import glob
 
-    from photref_core.io import read_catalog
-    from photref_core.store import finalize_ingestion, ingest_batch, plan_ingestion
+    from photref_core.catalog import read_catalog
+    from photref_core.ingest.photometry import finalize_ingestion, ingest_batch, plan_ingestion
 
     frames = sorted(glob.glob(pattern))
     plan = plan_ingestion(store, frames, catalog=read_catalog(catalog))
@@ -183,7 +183,7 @@ def plain_ingest(store: Path, pattern: str, catalog: Path) -> dict:
 
 
 def plain_master(store: Path, catalog: Path, output: Path) -> dict:
-    from photref_core.reference import build_master
+    from photref_core.master.steps import build_master
 
     return build_master(store, catalog, output)
 

@@ -1,6 +1,6 @@
 """Benchmark of PRF photometry (``photref_core.prf``): shape-model build and per-frame flux fit.
 
-What it measures, in one process, on simulated fields (``photref_core.simulate_images.prf_design``: an
+What it measures, in one process, on simulated fields (``photref_core.simulate.images.prf_design``: an
 elliptical Moffat + wide wing PRF, FWHM 2 px, 0.275"/pix so that the default RomanCuts radii -- rmax 2",
 sparse_dist_lim 4" -- span 7.3 and 14.5 px; a constant source density, about one overlapping neighbour per
 source, i.e. X^T X about 0.1-0.2 % non-zero at 1,500 sources, as measured for psfmachine):
@@ -40,8 +40,10 @@ import time
 import numpy as np
 from scipy.interpolate import BSpline
 
-from photref_core.prf import PRFModel, PRFParameters, build_geometry
-from photref_core.simulate_images import make_wcs, prf_design
+from photref_core.prf.geometry import build_geometry
+from photref_core.prf.model import PRFModel
+from photref_core.prf.parameters import PRFParameters
+from photref_core.simulate.images import make_wcs, prf_design
 
 PIXSCALE = 0.275
 PRF = dict(

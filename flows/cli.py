@@ -19,6 +19,9 @@ import json
 import os
 import sys
 
+from photref_core.master.parameters import MASTER_DEFAULTS
+from photref_core.prf.parameters import PRF_DEFAULTS
+
 
 def _runner_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("execution")
@@ -29,7 +32,7 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_simulate_photometry(args) -> int:
-    from photref_core.simulate import simulate_photometry
+    from photref_core.simulate.photometry import simulate_photometry
 
     sim = simulate_photometry(
         args.directory,
@@ -45,7 +48,7 @@ def _cmd_simulate_photometry(args) -> int:
 
 
 def _cmd_simulate_images(args) -> int:
-    from photref_core.simulate_images import simulate_images
+    from photref_core.simulate.images import simulate_images
 
     out = simulate_images(
         args.directory,
@@ -186,16 +189,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="master FITS path (statistics table and plots beside it)")
     p.add_argument("--frames", nargs="+", default=None, help="frame files or globs to ingest first")
     p.add_argument("--strict", action="store_true", help="fail on the first bad frame")
-    p.add_argument("--outlier-threshold", type=float, default=5.0)
-    p.add_argument("--max-rejection-iterations", type=int, default=10)
-    p.add_argument("--rejection-center", choices=["median", "mean"], default="median")
-    p.add_argument("--rejection-units", choices=["stddev", "meddev", "absolute"], default="meddev")
-    p.add_argument("--min-nobs-median-fraction", type=float, default=0.5)
-    p.add_argument("--fit-terms", default="O2{phot_g_mean_mag}")
-    p.add_argument("--fit-outlier-threshold", type=float, default=3.0)
-    p.add_argument("--fit-outlier-average", choices=["median", "mean"], default="median")
-    p.add_argument("--fit-max-rej-iter", type=int, default=20)
-    p.add_argument("--scatter-quantity", choices=["medianmeddev", "mediandev"], default="medianmeddev")
+    p.add_argument("--outlier-threshold", type=float, default=MASTER_DEFAULTS["outlier_threshold"])
+    p.add_argument(
+        "--max-rejection-iterations", type=int, default=MASTER_DEFAULTS["max_rejection_iterations"]
+    )
+    p.add_argument(
+        "--rejection-center", choices=["median", "mean"], default=MASTER_DEFAULTS["rejection_center"]
+    )
+    p.add_argument(
+        "--rejection-units",
+        choices=["stddev", "meddev", "absolute"],
+        default=MASTER_DEFAULTS["rejection_units"],
+    )
+    p.add_argument(
+        "--min-nobs-median-fraction", type=float, default=MASTER_DEFAULTS["min_nobs_median_fraction"]
+    )
+    p.add_argument("--fit-terms", default=MASTER_DEFAULTS["fit_terms"])
+    p.add_argument("--fit-outlier-threshold", type=float, default=MASTER_DEFAULTS["fit_outlier_threshold"])
+    p.add_argument(
+        "--fit-outlier-average", choices=["median", "mean"], default=MASTER_DEFAULTS["fit_outlier_average"]
+    )
+    p.add_argument("--fit-max-rej-iter", type=int, default=MASTER_DEFAULTS["fit_max_rej_iter"])
+    p.add_argument(
+        "--scatter-quantity",
+        choices=["medianmeddev", "mediandev"],
+        default=MASTER_DEFAULTS["scatter_quantity"],
+    )
     p.add_argument("--block-mib", type=float, default=64, help="memory budget of one out-of-core block")
     p.add_argument("--no-plots", action="store_true")
     _runner_options(p)
@@ -206,18 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or glob patterns (quote them)")
     p.add_argument("--catalog", required=True)
     p.add_argument("--output", required=True, help="long-format flux table (FITS)")
-    p.add_argument("--flux-column", dest="sources_flux_column", default="flux")
-    p.add_argument("--n-r-knots", type=int, default=10)
-    p.add_argument("--n-phi-knots", type=int, default=15)
-    p.add_argument("--rmin", type=float, default=0.1, help="arcsec")
-    p.add_argument("--rmax", type=float, default=2.0, help="arcsec")
-    p.add_argument("--cut-r", type=float, default=0.2, help="arcsec")
-    p.add_argument("--sparse-dist-lim", type=float, default=4.0, help="arcsec")
+    p.add_argument("--flux-column", dest="sources_flux_column", default=PRF_DEFAULTS["sources_flux_column"])
+    p.add_argument("--n-r-knots", type=int, default=PRF_DEFAULTS["n_r_knots"])
+    p.add_argument("--n-phi-knots", type=int, default=PRF_DEFAULTS["n_phi_knots"])
+    p.add_argument("--rmin", type=float, default=PRF_DEFAULTS["rmin"], help="arcsec")
+    p.add_argument("--rmax", type=float, default=PRF_DEFAULTS["rmax"], help="arcsec")
+    p.add_argument("--cut-r", type=float, default=PRF_DEFAULTS["cut_r"], help="arcsec")
+    p.add_argument("--sparse-dist-lim", type=float, default=PRF_DEFAULTS["sparse_dist_lim"], help="arcsec")
     p.add_argument(
         "--time-mask", default=None, help="comma-separated 0/1 per frame: frames for the shape model"
     )
     p.add_argument("--flux-cut-off", type=float, default=None, help="data units")
-    p.add_argument("--frame-index", default="mean", help="'mean' or a frame index")
+    p.add_argument("--frame-index", default=PRF_DEFAULTS["frame_index"], help="'mean' or a frame index")
     p.add_argument("--bin-data", type=int, default=0, help="bin the shape fit on an NxN grid (0: off)")
     p.add_argument("--prior-mu", type=float, default=None)
     p.add_argument("--prior-sigma", type=float, default=None)

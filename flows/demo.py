@@ -15,8 +15,8 @@ from pathlib import Path
 
 def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 3, seed: int = 1) -> dict:
     """Simulate a field, ingest it and build its master, then a small PRF run; returns what was written."""
-    from photref_core.simulate import simulate_photometry
-    from photref_core.simulate_images import simulate_images
+    from photref_core.simulate.images import simulate_images
+    from photref_core.simulate.photometry import simulate_photometry
 
     from .master_photref import run_master
     from .prf import run_prf

@@ -12,12 +12,12 @@ import os
 from collections.abc import Iterable
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
-from photref_core.store import store_lock
-from tasks.ingest import finalize_ingestion, ingest_frame_chunk, plan_ingestion
+from photref_core.store.lock import store_lock
+from tasks.ingest import finalize_ingestion, ingest_batch, plan_ingestion
 
+from .artifacts import publish_ingestion_summary
 from .progress import Progress
 from .runners import make_task_runner, run_by_hand
 
@@ -35,30 +35,6 @@ def expand_frame_paths(patterns: Iterable[str]) -> list[str]:
         pattern = os.path.abspath(os.fspath(pattern))
         paths.extend(glob.glob(pattern) if glob.has_magic(pattern) else [pattern])
     return sorted(dict.fromkeys(paths))
-
-
-def _summary_markdown(store: str, plan, summary: dict, results) -> str:
-    lines = [
-        f"# Ingestion into `{store}`",
-        "",
-        "| | frames |",
-        "|---|---:|",
-        f"| ingested now | {summary['ingested_now']} |",
-        f"| skipped (already ingested, file unchanged) | {len(plan.skipped)} |",
-        f"| quarantined now | {summary['quarantined_now'] + len(plan.quarantined)} |",
-        f"| in the store | {summary['frames_in_store']} ({summary['frames_ingested_total']} ingested) |",
-        "",
-        f"Sources: {plan.n_sources}; photometries: {plan.n_photometries}; "
-        f"content version `{summary['content_version']}`.",
-    ]
-    bad = [(p, q["reason"]) for p, q in plan.quarantined.items()]
-    bad += [(r.path, r.reason) for r in results if r.reason]
-    if bad:
-        lines += ["", "## Quarantined", "", "| file | reason |", "|---|---|"]
-        lines += [f"| `{p}` | {reason} |" for p, reason in bad[:500]]
-        if len(bad) > 500:
-            lines.append(f"| ... | {len(bad) - 500} more |")
-    return "\n".join(lines)
 
 
 @flow(name="ingest-frames", flow_run_name="ingest {store}", task_runner=make_task_runner())
@@ -111,7 +87,7 @@ def ingest_frames(
         progress = Progress(
             plan.n_to_ingest, "ingestion-progress", f"Ingesting {plan.n_to_ingest} frames into {store}"
         )
-        futures = [ingest_frame_chunk.submit(store, batch, strict) for batch in plan.batches]
+        futures = [ingest_batch.submit(store, batch, strict) for batch in plan.batches]
         results = []
         for future in as_completed(futures):
             batch_results = future.result()
@@ -125,11 +101,7 @@ def ingest_frames(
             quarantined=[{"path": p, "reason": q["reason"]} for p, q in plan.quarantined.items()]
             + [{"path": r.path, "reason": r.reason} for r in results if r.reason],
         )
-        create_markdown_artifact(
-            _summary_markdown(store, plan, summary, results),
-            key="ingestion-summary",
-            description=f"Ingestion into {store}",
-        )
+        publish_ingestion_summary(store, plan, summary, results)
         return summary
 
 

@@ -22,56 +22,25 @@ built since under the same keys).
 
 from __future__ import annotations
 
-import base64
 import os
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 
-from photref_core.errors import BadInputError, StoreError
-from photref_core.fitterms import DEFAULT_FIT_TERMS
-from photref_core.io import read_catalog, retry_transient
-from photref_core.reference import MasterParameters, statistics_path, validate_fit_terms
-from photref_core.store import ingestion_needed, store_lock
-from tasks.master import compute_statistics, fit_scatter, store_has_group, write_products
+from photref_core.catalog import read_catalog
+from photref_core.errors import BadInputError, StoreError, retry_transient
+from photref_core.ingest.photometry import ingestion_needed
+from photref_core.master.parameters import MASTER_DEFAULTS, MasterParameters
+from photref_core.master.steps import statistics_path, validate_fit_terms
+from photref_core.store.groups import group_exists
+from photref_core.store.lock import store_lock
+from tasks.master import compute_statistics, fit_statistics, write_products
 
+from .artifacts import publish_master_artifacts
 from .ingest import expand_frame_paths, ingest_frames
 from .runners import make_task_runner, run_by_hand
-
-
-def _image_markdown(path: str, max_bytes: int = 400_000) -> str:
-    """A PNG for a markdown artifact: inline (data URI) when small, else a link to the file."""
-    data = Path(path).read_bytes()
-    if len(data) <= max_bytes:
-        return f"![{Path(path).name}](data:image/png;base64,{base64.b64encode(data).decode()})"
-    return f"[{Path(path).name}]({Path(path).as_uri()})"
-
-
-def _summary_markdown(products: dict, params: MasterParameters, term_names: list[str]) -> str:
-    lines = [
-        f"# Master photometric reference `{Path(products['master']).name}`",
-        "",
-        f"* master: `{products['master']}`",
-        f"* statistics table: `{products['statistics']}`",
-        f"* frames included: {products['frames_included']}, excluded: {products['frames_excluded']}",
-        f"* fit terms: `{params.fit_terms}` -> {', '.join(term_names)}",
-        "",
-        "| photometry | measured | enough | in fit | rejected by fit | in master | rms (dex) | fits |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in products["photometries"]:
-        lines.append(
-            f"| {row['photometry']} | {row['stars_measured']} | {row['stars_enough']} "
-            f"| {row['stars_in_fit']} | {row['stars_rejected_by_fit']} | {row['stars_in_master']} "
-            f"| {row['fit_rms_dex']:.4f} | {row['n_fits']} |"
-        )
-    for plot in products["plots"]:
-        lines += ["", f"`{plot}`", "", _image_markdown(plot)]
-    return "\n".join(lines)
 
 
 def _ingestion_needed(store: str, frames: list[str], catalog) -> bool:
@@ -101,16 +70,16 @@ def build_master_photref(
     output: str,
     frames: list[str] | None = None,
     strict: bool = False,
-    outlier_threshold: float = 5.0,
-    max_rejection_iterations: int = 10,
-    rejection_center: Literal["median", "mean"] = "median",
-    rejection_units: Literal["stddev", "meddev", "absolute"] = "meddev",
-    min_nobs_median_fraction: float = 0.5,
-    fit_terms: str = DEFAULT_FIT_TERMS,
-    fit_outlier_threshold: float = 3.0,
-    fit_outlier_average: Literal["median", "mean"] = "median",
-    fit_max_rej_iter: int = 20,
-    scatter_quantity: Literal["medianmeddev", "mediandev"] = "medianmeddev",
+    outlier_threshold: float = MASTER_DEFAULTS["outlier_threshold"],
+    max_rejection_iterations: int = MASTER_DEFAULTS["max_rejection_iterations"],
+    rejection_center: Literal["median", "mean"] = MASTER_DEFAULTS["rejection_center"],
+    rejection_units: Literal["stddev", "meddev", "absolute"] = MASTER_DEFAULTS["rejection_units"],
+    min_nobs_median_fraction: float = MASTER_DEFAULTS["min_nobs_median_fraction"],
+    fit_terms: str = MASTER_DEFAULTS["fit_terms"],
+    fit_outlier_threshold: float = MASTER_DEFAULTS["fit_outlier_threshold"],
+    fit_outlier_average: Literal["median", "mean"] = MASTER_DEFAULTS["fit_outlier_average"],
+    fit_max_rej_iter: int = MASTER_DEFAULTS["fit_max_rej_iter"],
+    scatter_quantity: Literal["medianmeddev", "mediandev"] = MASTER_DEFAULTS["scatter_quantity"],
     extra_header: dict | None = None,
     block_mib: float = 64,
     plots: bool = True,
@@ -179,9 +148,9 @@ def build_master_photref(
         # Each step is submitted to the task runner (so it runs on the Dask cluster when there is one)
         # and awaited: the next step needs its result.
         block_bytes = max(1, int(block_mib * 2**20))
-        has_group = partial(store_has_group, store)
+        has_group = partial(group_exists, store)
         stats_group, _ = _run_step(compute_statistics, (store, params, block_bytes), has_group)
-        fit_group, _ = _run_step(fit_scatter, (store, stats_group, catalog, params), has_group)
+        fit_group, _ = _run_step(fit_statistics, (store, stats_group, catalog, params), has_group)
         products, unchanged = _run_step(
             write_products,
             (store, stats_group, fit_group, catalog, output, params, extra_header, plots),
@@ -197,20 +166,7 @@ def build_master_photref(
             return products
         logger.info("master written to %s (%s)", products["master"], statistics_path(products["master"]).name)
 
-        create_markdown_artifact(
-            _summary_markdown(products, params, term_names),
-            key="master-photref-summary",
-            description=f"Master photometric reference {output}",
-        )
-        create_table_artifact(
-            [
-                {k: v for k, v in row.items() if k != "coefficients"}
-                | {"coefficients": ", ".join(f"{c:.5g}" for c in row["coefficients"])}
-                for row in products["photometries"]
-            ],
-            key="master-photref-photometries",
-            description="Per-photometry fit summary",
-        )
+        publish_master_artifacts(products, params, term_names, output)
         return products
 
 

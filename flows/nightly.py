@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from flows.master_photref import build_master_photref
 from flows.runners import make_task_runner
 from photref_core.errors import FitTermsError
-from photref_core.fitterms import DEFAULT_FIT_TERMS, parse_fit_terms
+from photref_core.master.fitterms import parse_fit_terms
+from photref_core.master.parameters import MASTER_DEFAULTS
 
 __all__ = ["NightlySettings", "nightly_master"]
 
@@ -90,33 +91,47 @@ class NightlySettings(BaseModel):
     )
     strict: bool = Field(False, description="Fail the run on a bad frame instead of quarantining it.")
     outlier_threshold: float = Field(
-        5.0, gt=0, allow_inf_nan=False, description="Statistics: rejection threshold T (in units)."
+        MASTER_DEFAULTS["outlier_threshold"],
+        gt=0,
+        allow_inf_nan=False,
+        description="Statistics: rejection threshold T (in units).",
     )
-    max_rejection_iterations: int = Field(10, ge=0, description="Statistics: most rejection iterations.")
-    rejection_center: Literal["median", "mean"] = Field("median", description="Statistics: the centre.")
+    max_rejection_iterations: int = Field(
+        MASTER_DEFAULTS["max_rejection_iterations"],
+        ge=0,
+        description="Statistics: most rejection iterations.",
+    )
+    rejection_center: Literal["median", "mean"] = Field(
+        MASTER_DEFAULTS["rejection_center"], description="Statistics: the centre."
+    )
     rejection_units: Literal["stddev", "meddev", "absolute"] = Field(
-        "meddev", description="Statistics: the unit of the threshold."
+        MASTER_DEFAULTS["rejection_units"], description="Statistics: the unit of the threshold."
     )
     min_nobs_median_fraction: float = Field(
-        0.5,
+        MASTER_DEFAULTS["min_nobs_median_fraction"],
         ge=0,
         allow_inf_nan=False,
         description="A star has enough points when its kept count exceeds this fraction of the median.",
     )
     fit_terms: str = Field(
-        DEFAULT_FIT_TERMS,
+        MASTER_DEFAULTS["fit_terms"],
         min_length=1,
         description="Fit-terms expression over catalog columns, e.g. O2{phot_g_mean_mag}.",
     )
     fit_outlier_threshold: float = Field(
-        3.0, gt=0, allow_inf_nan=False, description="Scatter fit: outlier threshold (and master cut)."
+        MASTER_DEFAULTS["fit_outlier_threshold"],
+        gt=0,
+        allow_inf_nan=False,
+        description="Scatter fit: outlier threshold (and master cut).",
     )
     fit_outlier_average: Literal["median", "mean"] = Field(
-        "median", description="Scatter fit: average of the squared residuals."
+        MASTER_DEFAULTS["fit_outlier_average"], description="Scatter fit: average of the squared residuals."
     )
-    fit_max_rej_iter: int = Field(20, ge=0, description="Scatter fit: most rejection iterations.")
+    fit_max_rej_iter: int = Field(
+        MASTER_DEFAULTS["fit_max_rej_iter"], ge=0, description="Scatter fit: most rejection iterations."
+    )
     scatter_quantity: Literal["medianmeddev", "mediandev"] = Field(
-        "medianmeddev", description="Scatter fit: the scatter fitted."
+        MASTER_DEFAULTS["scatter_quantity"], description="Scatter fit: the scatter fitted."
     )
     extra_header: dict[str, str | int | float | bool] | None = Field(
         None, description="Keywords for the master's primary header."

@@ -16,24 +16,23 @@ import os
 from typing import Literal
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 
-from photref_core.pixels import frame_chunks, prf_model_key
-from photref_core.prf import PRFParameters
-from photref_core.store import store_lock
+from photref_core.prf.parameters import PRF_DEFAULTS, PRFParameters
+from photref_core.prf.steps import frame_chunks, prf_model_key
+from photref_core.store.lock import store_lock
 from tasks.prf import (
     add_psf_photometry,
-    build_model,
-    create_fluxes,
-    finalize_images,
-    fit_chunk,
-    ingest_image_chunk,
-    plan_images,
+    build_prf_model,
+    create_flux_arrays,
+    finalize_image_ingestion,
+    fit_frame_chunk,
+    ingest_image_batch,
+    plan_image_ingestion,
+    write_prf_products,
 )
-from tasks.prf import write_products as write_prf_products
 
-from .master_photref import _image_markdown
+from .artifacts import publish_prf_summary
 from .progress import Progress
 from .runners import make_task_runner, run_by_hand
 
@@ -44,20 +43,20 @@ def solve_prf(
     images: list[str],
     catalog: str,
     output: str,
-    sources_flux_column: str = "flux",
-    n_r_knots: int = 10,
-    n_phi_knots: int = 15,
-    rmin: float = 0.1,
-    rmax: float = 2.0,
-    cut_r: float = 0.2,
-    sparse_dist_lim: float = 4.0,
+    sources_flux_column: str = PRF_DEFAULTS["sources_flux_column"],
+    n_r_knots: int = PRF_DEFAULTS["n_r_knots"],
+    n_phi_knots: int = PRF_DEFAULTS["n_phi_knots"],
+    rmin: float = PRF_DEFAULTS["rmin"],
+    rmax: float = PRF_DEFAULTS["rmax"],
+    cut_r: float = PRF_DEFAULTS["cut_r"],
+    sparse_dist_lim: float = PRF_DEFAULTS["sparse_dist_lim"],
     time_mask: list[bool] | None = None,
-    flux_cut_off: float | None = None,
-    frame_index: Literal["mean"] | int = "mean",
-    bin_data: bool | int = False,
-    prior_mu: float | None = None,
-    prior_sigma: float | None = None,
-    fit_background: bool = False,
+    flux_cut_off: float | None = PRF_DEFAULTS["flux_cut_off"],
+    frame_index: Literal["mean"] | int = PRF_DEFAULTS["frame_index"],
+    bin_data: bool | int = PRF_DEFAULTS["bin_data"],
+    prior_mu: float | None = PRF_DEFAULTS["prior_mu"],
+    prior_sigma: float | None = PRF_DEFAULTS["prior_sigma"],
+    fit_background: bool = PRF_DEFAULTS["fit_background"],
     strict: bool = False,
     frames_per_chunk: int = 8,
     plot: bool = True,
@@ -120,38 +119,25 @@ def solve_prf(
         fit_background=fit_background,
     )
     with store_lock(store, timeout=lock_timeout):
-        plan = plan_images(store, expand_frame_paths(images), strict, frames_per_chunk)
-        futures = [ingest_image_chunk.submit(store, batch, strict) for batch in plan.batches]
+        plan = plan_image_ingestion(store, expand_frame_paths(images), strict, frames_per_chunk)
+        futures = [ingest_image_batch.submit(store, batch, strict) for batch in plan.batches]
         results = [r for f in futures for r in f.result()]
-        ingestion = finalize_images(store, results)
+        ingestion = finalize_image_ingestion(store, results)
 
         key = prf_model_key(store, params, catalog)
-        model_group = build_model(store, catalog, params, key)
-        flux_group = create_fluxes(store, model_group, key)
+        model_group = build_prf_model(store, catalog, params, key)
+        flux_group = create_flux_arrays(store, model_group, key)
         chunks = frame_chunks(store)
         progress = Progress(sum(map(len, chunks)), "prf-fit-progress", f"PRF fits of {store}")
-        for future in as_completed([fit_chunk.submit(store, model_group, flux_group, s) for s in chunks]):
+        fits = [fit_frame_chunk.submit(store, model_group, flux_group, s) for s in chunks]
+        for future in as_completed(fits):
             progress.advance(future.result())
         progress.finish()
         products = write_prf_products(store, model_group, flux_group, output, plot)
         if as_photometry:
             products["psf_photometry"] = add_psf_photometry(store, flux_group, zero_point)
 
-    quarantined = [(p, q["reason"]) for p, q in plan.quarantined.items()]
-    quarantined += [(r.path, r.reason) for r in results if r.reason]
-    lines = [
-        f"# PRF photometry of `{store}`",
-        "",
-        f"* images: {ingestion['frames_ingested_total']} ingested ({len(plan.skipped)} unchanged, "
-        f"{len(quarantined)} quarantined now)",
-        f"* sources: {products['n_sources']}; flagged (frame, source) values: {products['flagged']}",
-        f"* median fraction of a source's PRF on the frame: {products['median_source_psf_fraction']:.4f}",
-        f"* fluxes: `{products['fluxes']}`",
-        *[f"* quarantined: `{p}`: {reason}" for p, reason in quarantined],
-    ]
-    if products["plot"]:
-        lines += ["", _image_markdown(products["plot"])]
-    create_markdown_artifact("\n".join(lines), key="prf-summary", description=f"PRF photometry {output}")
+    publish_prf_summary(store, output, plan, results, ingestion, products)
     return products | {"ingestion": ingestion}
 
 

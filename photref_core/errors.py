@@ -7,6 +7,18 @@ operator can find and fix it without reading a traceback.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Sequence
+
+__all__ = [
+    "BadInputError",
+    "FitError",
+    "FitTermsError",
+    "PhotrefError",
+    "StoreError",
+    "is_transient",
+    "retry_transient",
+]
 
 
 class PhotrefError(Exception):
@@ -44,3 +56,32 @@ class FitError(PhotrefError):
 
 class StoreError(PhotrefError):
     """A store cannot be used (wrong schema version, inconsistent layout, locked by another run)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error is a transient I/O failure worth retrying (not a bad file).
+
+    An ``OSError`` carrying an errno (EIO, ETIMEDOUT, ESTALE on a network file system, ...) is transient;
+    a missing file, a permission problem, or astropy's "corrupt FITS" (an OSError without errno) is not.
+    """
+    return (
+        isinstance(exc, OSError)
+        and exc.errno is not None
+        and not isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError)
+    )
+
+
+def retry_transient(read, path, delays: Sequence[float] = (0.05, 0.5, 2.0)):
+    """``read(path)``, retried after each delay while it fails with a transient I/O error.
+
+    A writer task reads many frames: retrying the one read that failed is cheaper and far more robust
+    than failing (and retrying) the whole task; Prefect's task retries remain the second line.
+    """
+    for delay in delays:
+        try:
+            return read(path)
+        except OSError as exc:
+            if not is_transient(exc):
+                raise
+            time.sleep(delay)
+    return read(path)

@@ -1,7 +1,8 @@
 """Prefect tasks of the ingestion: plan (pre-pass, axes), write one frame chunk, finalise.
 
-The store's per-frame markers are the cache of the ingestion (a frame already ingested from an unchanged
-file is skipped by the planner), so these tasks keep no Prefect cache of their own.
+Each task is named after the core function it wraps (:mod:`photref_core.ingest.photometry`). The store's
+per-frame markers are the cache of the ingestion (a frame already ingested from an unchanged file is
+skipped by the planner), so these tasks keep no Prefect cache of their own.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from photref_core import store as core_store
-from photref_core.io import read_catalog
+from photref_core.catalog import read_catalog
+from photref_core.ingest import photometry
+from photref_core.store.frames import FrameBatch, FrameResult, IngestionPlan
 
 from .common import IO_RETRY
+
+__all__ = ["finalize_ingestion", "ingest_batch", "plan_ingestion"]
 
 
 @task(
@@ -28,10 +32,10 @@ def plan_ingestion(
     dtype: str,
     frames_per_chunk: int | None,
     strict: bool,
-) -> core_store.IngestionPlan:
+) -> IngestionPlan:
     """Pre-pass over the new frames, fix the store's axes, cut the writer batches."""
     table = read_catalog(catalog) if catalog else None
-    return core_store.plan_ingestion(
+    return photometry.plan_ingestion(
         store, frame_paths, catalog=table, dtype=dtype, frames_per_chunk=frames_per_chunk, strict=strict
     )
 
@@ -42,14 +46,12 @@ def plan_ingestion(
     cache_policy=NO_CACHE,
     **IO_RETRY,
 )
-def ingest_frame_chunk(
-    store: str, batch: core_store.FrameBatch, strict: bool
-) -> list[core_store.FrameResult]:
+def ingest_batch(store: str, batch: FrameBatch, strict: bool) -> list[FrameResult]:
     """Write one frame chunk (the only writer of that chunk)."""
-    return core_store.ingest_batch(store, batch, strict=strict)
+    return photometry.ingest_batch(store, batch, strict=strict)
 
 
 @task(name="finalize-ingestion", task_run_name="finalize {store}", cache_policy=NO_CACHE)
-def finalize_ingestion(store: str, results: list[core_store.FrameResult]) -> dict:
+def finalize_ingestion(store: str, results: list[FrameResult]) -> dict:
     """Record quarantines and the store's new content version."""
-    return core_store.finalize_ingestion(store, results)
+    return photometry.finalize_ingestion(store, results)

@@ -1,8 +1,10 @@
 """Prefect tasks of the master photometric reference: statistics, scatter fit, products.
 
-Cache keys come from the store's content version, the parameters that matter for each step, the input
-file identities and the code version of photref_core; never from a hash of a large array. Each step's
-result lives in the store (a group named after its key) or on disk; the tasks return names and paths.
+Each task is named after the core function it wraps (:mod:`photref_core.master.steps`). Cache keys come
+from :mod:`photref_core.keys`: the store's content version, the parameters that matter for each step, the
+input file identities and the code version of photref_core; never from a hash of a large array. Each
+step's result lives in the store (a group named after its key) or on disk; the tasks return names and
+paths.
 """
 
 from __future__ import annotations
@@ -11,45 +13,40 @@ import os
 
 from prefect import task
 
-from photref_core import reference
-from photref_core.reference import MasterParameters
-from photref_core.store import open_store
+from photref_core import keys
+from photref_core.master import steps
+from photref_core.master.parameters import MasterParameters
+from photref_core.store.schema import open_store
 
-from .common import IO_RETRY, code_version
+from .common import IO_RETRY
 
-
-def _identity(path) -> str:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return f"{path}:missing"
-    return f"{os.path.abspath(path)}:{st.st_mtime_ns}:{st.st_size}"
+__all__ = ["compute_statistics", "fit_statistics", "write_products"]
 
 
 def _statistics_key(context, parameters) -> str:
     store = os.fspath(parameters["store"])
     version = open_store(store).attrs.get("content_version", "")
     params: MasterParameters = parameters["params"]
-    return reference.digest("statistics", code_version(), store, reference.statistics_key(version, params))
+    return keys.digest("statistics", keys.code_version(), store, keys.statistics_key(version, params))
 
 
 def _fit_key(context, parameters) -> str:
     params: MasterParameters = parameters["params"]
-    return reference.digest(
+    return keys.digest(
         "fit",
-        code_version(),
+        keys.code_version(),
         os.fspath(parameters["store"]),
         parameters["statistics_group"],
         params.as_dict(),
-        _identity(parameters["catalog"]),
+        keys.file_key(parameters["catalog"]),
     )
 
 
 def _products_key(context, parameters) -> str:
     params: MasterParameters = parameters["params"]
-    return reference.digest(
+    return keys.digest(
         "products",
-        code_version(),
+        keys.code_version(),
         os.fspath(parameters["store"]),
         parameters["statistics_group"],
         parameters["fit_group"],
@@ -57,7 +54,7 @@ def _products_key(context, parameters) -> str:
         params.as_dict(),
         parameters.get("extra_header"),
         parameters.get("plots"),
-        _identity(parameters["catalog"]),
+        keys.file_key(parameters["catalog"]),
     )
 
 
@@ -78,9 +75,9 @@ def compute_statistics(store: str, params: MasterParameters, block_bytes: int) -
 
         get_worker()
     except (ImportError, ValueError):
-        return reference.compute_statistics(store, params, block_bytes=block_bytes)
+        return steps.compute_statistics(store, params, block_bytes=block_bytes)
     with worker_client():
-        return reference.compute_statistics(store, params, block_bytes=block_bytes)
+        return steps.compute_statistics(store, params, block_bytes=block_bytes)
 
 
 @task(
@@ -89,9 +86,9 @@ def compute_statistics(store: str, params: MasterParameters, block_bytes: int) -
     cache_key_fn=_fit_key,
     **IO_RETRY,
 )
-def fit_scatter(store: str, statistics_group: str, catalog: str, params: MasterParameters) -> str:
+def fit_statistics(store: str, statistics_group: str, catalog: str, params: MasterParameters) -> str:
     """Enough flags, fit terms, scatter fit and master selection; returns the store group of the result."""
-    return reference.fit_statistics(store, statistics_group, catalog, params)
+    return steps.fit_statistics(store, statistics_group, catalog, params)
 
 
 @task(
@@ -111,17 +108,6 @@ def write_products(
     plots: bool = True,
 ) -> dict:
     """Master FITS, statistics table and plots (atomic writes); returns their paths and a summary."""
-    return reference.write_products(
+    return steps.write_products(
         store, statistics_group, fit_group, catalog, output, params, extra_header=extra_header, plots=plots
     )
-
-
-def store_has_group(store: str, name: str) -> bool:
-    """Whether a cached step's result group is still in the store (else the step must run again)."""
-    import zarr
-
-    try:
-        zarr.open_group(os.fspath(store), path=name, mode="r")
-    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
-        return False
-    return True

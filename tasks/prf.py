@@ -1,4 +1,8 @@
-"""Prefect tasks of PRF photometry: image ingestion, shape model, per-frame-chunk flux fits, products."""
+"""Prefect tasks of PRF photometry: image ingestion, shape model, per-frame-chunk flux fits, products.
+
+Each task is named after the core function it wraps (:mod:`photref_core.ingest.images`,
+:mod:`photref_core.prf.steps`).
+"""
 
 from __future__ import annotations
 
@@ -7,30 +11,43 @@ import os
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from photref_core import pixels
-from photref_core.prf import PRFParameters
+from photref_core.ingest import images as core_images
+from photref_core.keys import code_version
+from photref_core.prf import steps
+from photref_core.prf.parameters import PRFParameters
 
-from .common import IO_RETRY, code_version
+from .common import IO_RETRY
+
+__all__ = [
+    "add_psf_photometry",
+    "build_prf_model",
+    "create_flux_arrays",
+    "finalize_image_ingestion",
+    "fit_frame_chunk",
+    "ingest_image_batch",
+    "plan_image_ingestion",
+    "write_prf_products",
+]
 
 
 @task(name="plan-image-ingestion", task_run_name="plan images {store}", cache_policy=NO_CACHE, **IO_RETRY)
-def plan_images(store: str, images: list[str], strict: bool, frames_per_chunk: int):
+def plan_image_ingestion(store: str, images: list[str], strict: bool, frames_per_chunk: int):
     """Pre-pass over the new images; fix the pixel group's frame axis; cut writer batches."""
-    return pixels.plan_image_ingestion(store, images, frames_per_chunk=frames_per_chunk, strict=strict)
+    return core_images.plan_image_ingestion(store, images, frames_per_chunk=frames_per_chunk, strict=strict)
 
 
 @task(
     name="ingest-image-chunk", task_run_name="images chunk {batch.chunk}", cache_policy=NO_CACHE, **IO_RETRY
 )
-def ingest_image_chunk(store: str, batch, strict: bool):
+def ingest_image_batch(store: str, batch, strict: bool):
     """Write one frame chunk of images (its only writer)."""
-    return pixels.ingest_image_batch(store, batch, strict=strict)
+    return core_images.ingest_image_batch(store, batch, strict=strict)
 
 
 @task(name="finalize-image-ingestion", cache_policy=NO_CACHE)
-def finalize_images(store: str, results: list) -> dict:
+def finalize_image_ingestion(store: str, results: list) -> dict:
     """Record quarantines and the images' content version."""
-    return pixels.finalize_image_ingestion(store, results)
+    return core_images.finalize_image_ingestion(store, results)
 
 
 def _model_key(context, parameters) -> str:
@@ -38,15 +55,15 @@ def _model_key(context, parameters) -> str:
 
 
 @task(name="prf-shape-model", task_run_name="shape model {key}", cache_key_fn=_model_key, **IO_RETRY)
-def build_model(store: str, catalog: str, params: PRFParameters, key: str) -> str:
+def build_prf_model(store: str, catalog: str, params: PRFParameters, key: str) -> str:
     """Fit the field's shape model; returns its store group."""
-    return pixels.build_prf_model(store, catalog, params, key)
+    return steps.build_prf_model(store, catalog, params, key)
 
 
 @task(name="create-flux-arrays", cache_policy=NO_CACHE)
-def create_fluxes(store: str, model_group: str, key: str) -> str:
+def create_flux_arrays(store: str, model_group: str, key: str) -> str:
     """Flux arrays at full size before the fit fan-out."""
-    return pixels.create_flux_arrays(store, model_group, key)
+    return steps.create_flux_arrays(store, model_group, key)
 
 
 def _fit_key(context, parameters) -> str:
@@ -55,24 +72,24 @@ def _fit_key(context, parameters) -> str:
 
 
 @task(name="prf-fit-chunk", task_run_name="fit frames from {slots[0]}", cache_key_fn=_fit_key, **IO_RETRY)
-def fit_chunk(store: str, model_group: str, flux_group: str, slots: list[int]) -> int:
+def fit_frame_chunk(store: str, model_group: str, flux_group: str, slots: list[int]) -> int:
     """Fluxes of every source in one frame chunk (grouped sparse solve)."""
-    return pixels.fit_frame_chunk(store, model_group, flux_group, slots)
+    return steps.fit_frame_chunk(store, model_group, flux_group, slots)
 
 
 @task(name="prf-products", task_run_name="write {output}", cache_policy=NO_CACHE, **IO_RETRY)
-def write_products(store: str, model_group: str, flux_group: str, output: str, plot: bool) -> dict:
+def write_prf_products(store: str, model_group: str, flux_group: str, output: str, plot: bool) -> dict:
     """The long-format flux table, the shape-model plot and the PSF metrics."""
     import numpy as np
 
-    table_path = pixels.write_flux_table(store, flux_group, output, model_group)
-    model = pixels.load_prf_model(store, model_group)
+    table_path = steps.write_flux_table(store, flux_group, output, model_group)
+    model = steps.load_prf_model(store, model_group)
     metrics = model.get_psf_metrics()
     plot_path = None
     if plot:
         plot_path = os.path.splitext(table_path)[0] + "_prf.png"
         model.plot_shape_model(plot_path)
-    table = pixels.flux_table(store, flux_group)
+    table = steps.flux_table(store, flux_group)
     fraction = np.asarray(metrics.source_psf_fraction)
     return {
         "fluxes": table_path,
@@ -91,4 +108,4 @@ def write_products(store: str, model_group: str, flux_group: str, output: str, p
 )
 def add_psf_photometry(store: str, flux_group: str, zero_point: float) -> dict:
     """PRF fluxes as magnitudes, added to the photometry store as one more photometry (idempotent)."""
-    return pixels.add_psf_photometry(store, flux_group, zero_point=zero_point)
+    return steps.add_psf_photometry(store, flux_group, zero_point=zero_point)

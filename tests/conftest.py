@@ -27,6 +27,6 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def small_field(tmp_path_factory):
     """A simulated field: 40 frames x 300 stars x 3 photometries (read-only: copy before changing)."""
-    from photref_core.simulate import simulate_photometry
+    from photref_core.simulate.photometry import simulate_photometry
 
     return simulate_photometry(tmp_path_factory.mktemp("field"), frames=40, stars=300, photometries=3, seed=7)

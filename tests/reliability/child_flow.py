@@ -72,7 +72,7 @@ class Hooks:
 
         import flows.ingest
         import flows.master_photref
-        from photref_core import store as core_store
+        from photref_core.store import lock as core_lock
 
         hooks, pause = self, self.spec.get("pause") or {}
         if pause.get("kind") == "zarr":
@@ -93,7 +93,7 @@ class Hooks:
 
             zarr.Array.__setitem__ = setitem
 
-            # Result groups are written through the async API (photref_core.reference.write_group): the
+            # Result groups are written through the async API (photref_core.store.groups.write_group): the
             # same count, paused inside zarr's I/O loop (which stops every write of the process there).
             real_async_setitem = zarr.AsyncArray.setitem
 
@@ -138,7 +138,7 @@ class Hooks:
 
             os.fdopen = fdopen
 
-        real_lock, held = core_store.store_lock, [0]
+        real_lock, held = core_lock.store_lock, [0]
 
         @contextlib.contextmanager
         def logged_lock(store, timeout=0.0, poll=0.2):
@@ -198,8 +198,8 @@ def serve() -> None:
 
     import flows.ingest  # noqa: F401
     import flows.master_photref  # noqa: F401
-    import photref_core.plots  # noqa: F401
-    import photref_core.reference  # noqa: F401
+    import photref_core.master.plots  # noqa: F401
+    import photref_core.master.steps  # noqa: F401
 
     assert threading.active_count() == 1, f"threads before fork: {threading.enumerate()}"
     events: dict[int, str] = {}

@@ -145,7 +145,7 @@ def store_snapshot(store) -> dict:
     Returns ``{"source_id": sorted ids, "frames": {frame_id: (state, path, time, mag, mag_err)}}`` with
     the rows in source-id order. Raises if a frame id or a source id appears twice.
     """
-    from photref_core.store import open_store
+    from photref_core.store.schema import open_store
 
     group = open_store(store)
     ids = group["source_id"][:]

@@ -32,16 +32,12 @@ from astropy.io import fits
 from astropy.table import Table
 from relutil import assert_same_master, master_snapshot
 
+from photref_core.catalog import read_catalog
 from photref_core.errors import BadInputError, FitTermsError, StoreError
-from photref_core.io import read_catalog, read_frame
-from photref_core.store import (
-    INGESTED,
-    finalize_ingestion,
-    frame_table,
-    ingest_batch,
-    open_store,
-    plan_ingestion,
-)
+from photref_core.ingest.photometry import finalize_ingestion, ingest_batch, plan_ingestion
+from photref_core.ingest.readers import read_frame
+from photref_core.store.frames import frame_table
+from photref_core.store.schema import INGESTED, open_store
 
 N_GOOD = 5
 

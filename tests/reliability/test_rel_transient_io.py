@@ -1,13 +1,13 @@
 """Transient I/O failures (EIO) injected into frame, store and catalog I/O: retried, and they cost nothing.
 
-Frame reads are wrapped where photref_core.store makes them, whatever reads the file underneath:
-``photref_core.store.read_frame_header`` (the planner's pre-pass, phase "header") and the ``reader`` of
-``ingest_batch`` (the chunk writers, phase "data"; its default ``reader=read_frame`` is bound when the
-module is imported, so the wrapper replaces ``photref_core.store.ingest_batch``, which the task looks up
-at each call). The wrapper raises ``OSError(errno.EIO)``, what the reader lets through for a transient
-failure (``is_transient``), the first time a chosen frame is read in a chosen phase: each (frame, phase)
-with probability 0.2 (seeded RNG), or all of them, at most once. Such a read is retried where it failed
-(``photref_core.io.retry_transient``, since commit 1f9a9d1). Store writes are made to fail by patching
+Frame reads are wrapped where photref_core.ingest.photometry makes them, whatever reads the file underneath:
+``photref_core.ingest.photometry.read_frame_header`` (the planner's pre-pass, phase "header") and the
+``reader`` of ``ingest_batch`` (the chunk writers, phase "data"; its default ``reader=read_frame`` is bound
+when the module is imported, so the wrapper replaces ``photref_core.ingest.photometry.ingest_batch``, which
+the task looks up at each call). The wrapper raises ``OSError(errno.EIO)``, what the reader lets through for a
+transient failure (``is_transient``), the first time a chosen frame is read in a chosen phase: each (frame,
+phase) with probability 0.2 (seeded RNG), or all of them, at most once. Such a read is retried where it failed
+(``photref_core.errors.retry_transient``, since commit 1f9a9d1). Store writes are made to fail by patching
 ``zarr.Array.__setitem__``: those are retried by the Prefect tasks (``retry_on_transient_io``), whose
 retry delays are set to 0 through ``Task.with_options`` on the flows' task objects.
 """
@@ -61,7 +61,7 @@ class FlakyReads:
         return flaky_read
 
     def install(self, monkeypatch) -> FlakyReads:
-        import photref_core.store as core_store
+        import photref_core.ingest.photometry as core_store
 
         monkeypatch.setattr(
             core_store, "read_frame_header", self.wrap(core_store.read_frame_header, "header")
@@ -83,8 +83,8 @@ def no_retry_delays(monkeypatch):
     import flows.master_photref
 
     for module, names in (
-        (flows.ingest, ("plan_ingestion", "ingest_frame_chunk")),
-        (flows.master_photref, ("compute_statistics", "fit_scatter", "write_products")),
+        (flows.ingest, ("plan_ingestion", "ingest_batch")),
+        (flows.master_photref, ("compute_statistics", "fit_statistics", "write_products")),
     ):
         for name in names:
             task = getattr(module, name)
@@ -226,7 +226,7 @@ def test_transient_store_write_errors_are_retried_by_the_tasks(
 def test_transient_catalog_read_error_is_retried(
     prefect_server, rel_field, clean_run, tmp_path, monkeypatch, no_retry_delays
 ):
-    import photref_core.io
+    import photref_core.catalog
     from flows.master_photref import build_master_photref
 
     catalog = os.path.abspath(rel_field.catalog)
@@ -240,7 +240,7 @@ def test_transient_catalog_read_error_is_retried(
                 raise OSError(errno.EIO, "Input/output error (injected)", catalog)
             return Table.read(*args, **kwargs)
 
-    monkeypatch.setattr(photref_core.io, "Table", FlakyTable)
+    monkeypatch.setattr(photref_core.catalog, "Table", FlakyTable)
     store, output = tmp_path / "store.zarr", tmp_path / "master.fits"
     products = build_master_photref(
         store=str(store), catalog=rel_field.catalog, output=str(output), frames=rel_field.frames, plots=False
@@ -254,8 +254,9 @@ def test_transient_catalog_read_error_is_retried(
 # block with Python's open(), so the kernel's EIO keeps its errno and is retried.
 def test_a_real_kernel_eio_is_transient_not_bad_input(rel_field, tmp_path):
     """/proc/self/mem read at offset 0 fails with a genuine EIO; a frame path linked to it must be retried."""
-    from photref_core.io import is_transient, read_catalog
-    from photref_core.store import plan_ingestion
+    from photref_core.catalog import read_catalog
+    from photref_core.errors import is_transient
+    from photref_core.ingest.photometry import plan_ingestion
 
     frame = tmp_path / "eio.fits"
     try:

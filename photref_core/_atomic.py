@@ -1,0 +1,137 @@
+"""Atomic file writes: temporary name in the destination directory, fsync, rename.
+
+Every product photref writes (master, statistics table, flux table, plots) goes through here, so a reader
+sees either the old file or the complete new one, never a partial one; on any failure the temporary file
+is removed and an existing file is left untouched. Temporaries of killed writers are cleaned up by the next
+write of the same file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pathlib
+import secrets
+import warnings
+
+__all__ = [
+    "atomic_savefig",
+    "atomic_write",
+    "atomic_writeto",
+    "fsync_directory",
+    "remove_stale_temporaries",
+]
+
+
+def fsync_directory(directory: pathlib.Path) -> None:
+    """Flush a directory entry to disk (best effort: not every platform allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _temporary_name(path: pathlib.Path) -> pathlib.Path:
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def remove_stale_temporaries(path) -> list[str]:
+    """Remove temporary files of ``path`` left by writers that died (their process no longer exists).
+
+    A writer killed between creating its temporary file and renaming it leaves
+    ``.NAME.tmp-PID-RANDOM`` behind; the next write of the same file removes it.
+    """
+    path = pathlib.Path(os.path.abspath(os.fspath(path)))
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        try:
+            pid = int(tmp.name[len(path.name) + 6 :].split("-")[0])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(str(tmp))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write(path, write, overwrite: bool = True) -> pathlib.Path:
+    """Write a file atomically: ``write(stream)`` fills a temporary file in the destination directory,
+    which is fsynced and renamed over ``path``, so a reader sees the old file or the whole new one.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The destination (its directory is created if missing).
+    write : callable
+        ``write(stream)`` writes the content to a binary stream.
+    overwrite : bool
+        Replace an existing file; when false an existing file raises :class:`FileExistsError` (checked
+        atomically: the new file is linked into place only if the name is free).
+
+    Returns
+    -------
+    pathlib.Path
+        The absolute destination path.
+    """
+    path = pathlib.Path(os.path.abspath(os.fspath(path)))
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path}: exists and overwrite is false")
+    remove_stale_temporaries(path)
+    tmp = _temporary_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if the name was taken meanwhile
+            except FileExistsError:
+                raise FileExistsError(f"{path}: exists and overwrite is false") from None
+            except OSError:  # no hard links on this file system
+                if path.exists():
+                    raise FileExistsError(f"{path}: exists and overwrite is false") from None
+                os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_directory(directory)
+    return path
+
+
+def atomic_writeto(hdul, path, overwrite: bool = True) -> pathlib.Path:
+    """Write an ``astropy.io.fits.HDUList`` atomically (see :func:`atomic_write`), with checksums."""
+
+    def write(stream):
+        with warnings.catch_warnings():
+            # A long FITTERMS or STORE continues over CONTINUE cards and astropy shortens its
+            # comment, warning each time: expected, and the value itself is kept whole.
+            warnings.filterwarnings("ignore", message="Card is too long, comment will be truncated")
+            hdul.writeto(stream, checksum=True)
+
+    return atomic_write(path, write, overwrite)
+
+
+def atomic_savefig(figure, path, **kwargs) -> pathlib.Path:
+    """Save a matplotlib figure as PNG atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda stream: figure.savefig(stream, format="png", **kwargs))

@@ -1,0 +1,281 @@
+"""The PRF model's parameters (SPEC 6, the RomanCuts ``Machine`` names and defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "PRF_DEFAULTS",
+    "PRFParameters",
+]
+
+
+@dataclass(eq=False)
+class PRFParameters:
+    """Parameters of the PRF model, with the RomanCuts ``Machine`` names and defaults (0.11"/pix).
+
+    Every radius is in ARCSEC on the sky, so a Kepler/TESS-scale field (4"/pix, 21"/pix) is fitted by
+    passing radii scaled to its pixels.
+
+    Parameters
+    ----------
+    n_r_knots : int
+        Radial breakpoints (uniform in sqrt(r) from ``rmin`` to ``rmax``); the radial basis has
+        ``n_r_knots + 3`` cubic B-splines on ``[0, rmax]``. At least 2.
+    n_phi_knots : int
+        Periodic cubic B-splines in the position angle. At least 4.
+    rmin, rmax : float
+        First and last radial breakpoint (arcsec), ``0 < rmin < rmax``. The model is zero beyond ``rmax``.
+    cut_r : float
+        Radial basis functions whose knots all lie within ``cut_r`` (arcsec) have no phi dependence.
+        ``0 <= cut_r < rmax``.
+    sparse_dist_lim : float
+        Radius (arcsec) of the per-source pixel neighbourhood (geometry and masks); ``>= rmax``.
+    sources_flux_column : str
+        Catalog column with the flux estimate (:meth:`PRFModel.from_catalog`).
+    time_mask : array_like of bool, optional
+        Frames used for the shape model (``None``: all).
+    flux_cut_off : float, optional
+        Data units. A pixel is in a source's ``source_mask`` where the source's estimated flux there exceeds
+        it. ``None`` (default): 3 x the median pixel error of the reference image, i.e. "detected at 3 sigma"
+        whatever the data units (psfmachine's fixed default of 1 only suits e-/s data).
+    frame_index : 'mean' or int
+        Reference image for the shape model: the mean of the ``time_mask`` frames (per distinct WCS) or
+        one frame.
+    bin_data : bool or int
+        ``False``/``0``/``None``: fit every pixel. An integer ``n >= 4``: form the shape fit's normal
+        equations on the data averaged (inverse-variance weighted) in ``n`` radial bins uniform in sqrt(r)
+        on ``[0, rmax]`` x ``n`` angular bins, each bin one point at its weighted mean (r, phi); the
+        per-source offsets are then alternated with the shape instead of eliminated, and clipping still
+        acts on individual pixels. ``True``: ``n = 4 * max(n_r_knots, n_phi_knots)``. For very large
+        fields; costs some accuracy in the core, where the profile varies within a bin.
+    prior_mu, prior_sigma : float or array_like, optional
+        Gaussian prior of the flux fit, per source (scalars broadcast; ``prior_sigma`` may be ``inf``).
+        Default ``prior_mu``: the fluxes of a prior-free fit on the reference image. Default
+        ``prior_sigma``: ``prior_sigma_factor * sqrt(mu^2 + e^2)``, ``e`` the single-frame-equivalent
+        error of that fit (so a faint star with mu ~ 0 is not pinned to 0); a source whose mu is not finite
+        gets mu = 0 and ``prior_sigma_factor`` x the largest finite |mu|.
+    prior_sigma_factor : float
+        See ``prior_sigma`` (default 10: the prior shifts a star's flux by < 1 % of its error).
+    shape_prior_sigma : float
+        Width (dex) of the Gaussian prior on every shape weight, centred on the empirical radial profile;
+        it only matters where the data do not constrain the shape.
+    shape_phi_smooth : float or None
+        Width (dex) of a Gaussian prior on the difference of neighbouring angular weights of each radial
+        function (a roughness penalty: it damps angular noise in the faint wing, where few pixels
+        constrain 15 angular copies; the data override it in the core). ``None``: no such prior.
+    clip_sigma : float
+        Shape-fit clipping: pixels whose normalised residual (in log space for the first fit, in flux in
+        the Gauss-Newton steps) is further than ``clip_sigma`` robust standard deviations (1.4826 x MAD)
+        from the median are dropped.
+    clip_iterations : int
+        Maximum number of clipping passes (0: none).
+    shape_iterations : int
+        Rounds of masks + shape fit; each after the first builds its masks from the previous model and
+        the fluxes it fitted on the reference image. The Gauss-Newton refinement runs in the last.
+    crowded_dominance : float or None
+        Crowded fields: when fewer than 10 x (number of shape weights) uncontaminated pixels are usable,
+        the shape is fitted instead on the pixels where a source's estimated flux is at least this
+        fraction of all sources' estimated flux, after subtracting the others' estimates (the estimates
+        improve with ``shape_iterations``; use 3-4 there). ``None``: never (SPEC's strict rule; too few
+        pixels is then an error).
+    fit_background : bool
+        Fit a constant background per frame (flat prior) together with the fluxes.
+    min_good_fraction : float
+        A source with less than this fraction of its model on good pixels of a frame gets NaN flux and
+        :data:`FLAG_LOW_COVERAGE` (SPEC: half).
+    psf_subsample : int
+        Sub-pixel samples per axis for :meth:`PRFModel.get_psf_metrics`.
+    """
+
+    n_r_knots: int = 10
+    n_phi_knots: int = 15
+    rmin: float = 0.1
+    rmax: float = 2.0
+    cut_r: float = 0.2
+    sparse_dist_lim: float = 4.0
+    sources_flux_column: str = "flux"
+    time_mask: np.ndarray | None = None
+    flux_cut_off: float | None = None
+    frame_index: str | int = "mean"
+    bin_data: bool | int | None = False
+    prior_mu: np.ndarray | float | None = None
+    prior_sigma: np.ndarray | float | None = None
+    prior_sigma_factor: float = 10.0
+    shape_prior_sigma: float = 1.0
+    shape_phi_smooth: float | None = 0.1
+    clip_sigma: float = 4.0
+    clip_iterations: int = 3
+    shape_iterations: int = 2
+    crowded_dominance: float | None = 0.8
+    fit_background: bool = False
+    min_good_fraction: float = 0.5
+    psf_subsample: int = 5
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Check every parameter; raise ``ValueError`` naming the first bad one.
+
+        Returns
+        -------
+        PRFParameters
+            ``self``, for chaining.
+        """
+
+        def is_int(v):
+            return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+        def is_num(v):
+            num = isinstance(v, int | float | np.integer | np.floating)
+            return num and not isinstance(v, bool | np.bool_)
+
+        for name, lo in (
+            ("n_r_knots", 2),
+            ("n_phi_knots", 4),
+            ("shape_iterations", 1),
+            ("clip_iterations", 0),
+            ("psf_subsample", 1),
+        ):
+            v = getattr(self, name)
+            if not is_int(v) or v < lo:
+                raise ValueError(f"PRF parameter {name} must be an integer >= {lo}, got {v!r}")
+        for name in (
+            "rmin",
+            "rmax",
+            "cut_r",
+            "sparse_dist_lim",
+            "prior_sigma_factor",
+            "shape_prior_sigma",
+            "clip_sigma",
+            "min_good_fraction",
+        ):
+            v = getattr(self, name)
+            if not is_num(v) or not np.isfinite(v):
+                raise ValueError(f"PRF parameter {name} must be a finite number, got {v!r}")
+        if not 0 < self.rmin < self.rmax:
+            raise ValueError(
+                f"PRF parameters need 0 < rmin < rmax (arcsec), got rmin={self.rmin}, rmax={self.rmax}"
+            )
+        if not 0 <= self.cut_r < self.rmax:
+            raise ValueError(f"PRF parameter cut_r must be in [0, rmax={self.rmax}) arcsec, got {self.cut_r}")
+        if self.sparse_dist_lim < self.rmax:
+            raise ValueError(
+                f"PRF parameter sparse_dist_lim ({self.sparse_dist_lim} arcsec) must be >= rmax "
+                f"({self.rmax} arcsec): the model would be cut off"
+            )
+        if self.shape_phi_smooth is not None and (
+            not is_num(self.shape_phi_smooth) or not 0 < self.shape_phi_smooth < np.inf
+        ):
+            raise ValueError(
+                f"PRF parameter shape_phi_smooth must be None or a number > 0 (dex), "
+                f"got {self.shape_phi_smooth!r}"
+            )
+        cd = self.crowded_dominance
+        if cd is not None and (not is_num(cd) or not 0.5 < cd <= 1):
+            raise ValueError(f"PRF parameter crowded_dominance must be None or in (0.5, 1], got {cd!r}")
+        for name in ("prior_sigma_factor", "shape_prior_sigma", "clip_sigma"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PRF parameter {name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.min_good_fraction <= 1:
+            raise ValueError(
+                f"PRF parameter min_good_fraction must be in (0, 1], got {self.min_good_fraction}"
+            )
+        if not isinstance(self.sources_flux_column, str) or not self.sources_flux_column:
+            raise ValueError(
+                f"PRF parameter sources_flux_column must be a column name, got {self.sources_flux_column!r}"
+            )
+        if self.flux_cut_off is not None and (
+            not is_num(self.flux_cut_off) or not self.flux_cut_off >= 0 or not np.isfinite(self.flux_cut_off)
+        ):
+            raise ValueError(
+                f"PRF parameter flux_cut_off must be None or a finite number >= 0 (data units), "
+                f"got {self.flux_cut_off!r}"
+            )
+        fi = self.frame_index
+        if not (fi == "mean" if isinstance(fi, str) else is_int(fi)):
+            raise ValueError(f"PRF parameter frame_index must be 'mean' or an integer, got {fi!r}")
+        b = self.bin_data
+        if not (b is None or isinstance(b, bool | np.bool_) or (is_int(b) and (b == 0 or b >= 4))):
+            raise ValueError(f"PRF parameter bin_data must be False, True or an integer >= 4, got {b!r}")
+        if not isinstance(self.fit_background, bool | np.bool_):
+            raise ValueError(f"PRF parameter fit_background must be a bool, got {self.fit_background!r}")
+        if self.time_mask is not None:
+            tm = np.asarray(self.time_mask)
+            if tm.ndim != 1 or tm.dtype != bool:
+                raise ValueError("PRF parameter time_mask must be a 1-d boolean array (one entry per frame)")
+            if not tm.any():
+                raise ValueError("PRF parameter time_mask selects no frame")
+            self.time_mask = tm
+        for name in ("prior_mu", "prior_sigma"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            a = np.asarray(v, dtype=float)
+            if a.ndim > 1:
+                raise ValueError(f"PRF parameter {name} must be a scalar or a 1-d array (one per source)")
+            if name == "prior_mu" and not np.all(np.isfinite(a)):
+                raise ValueError("PRF parameter prior_mu must be finite")
+            if name == "prior_sigma" and not np.all(a > 0):
+                raise ValueError("PRF parameter prior_sigma must be > 0 (inf allowed: no prior)")
+        return self
+
+    @property
+    def n_bins(self) -> int:
+        """Bins per axis of ``bin_data`` (0: no binning)."""
+        if self.bin_data is None or self.bin_data is False:
+            return 0
+        if self.bin_data is True:
+            return 4 * max(self.n_r_knots, self.n_phi_knots)
+        return int(self.bin_data)
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict of the scalar parameters (arrays become lists).
+
+        Returns
+        -------
+        dict
+        """
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray):
+                v = v.tolist()
+            elif isinstance(v, np.generic):
+                v = v.item()
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PRFParameters:
+        """Inverse of :meth:`to_dict` (unknown keys are an error).
+
+        Parameters
+        ----------
+        d : dict
+
+        Returns
+        -------
+        PRFParameters
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown PRF parameter(s): {sorted(unknown)}")
+        d = dict(d)
+        if d.get("time_mask") is not None:
+            d["time_mask"] = np.asarray(d["time_mask"], dtype=bool)
+        for k in ("prior_mu", "prior_sigma"):
+            if isinstance(d.get(k), list):
+                d[k] = np.asarray(d[k], dtype=float)
+        return cls(**d)
+
+
+#: Every PRF parameter's default, by name (what the CLI and the flow show).
+PRF_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(PRFParameters) if f.default is not dataclasses.MISSING
+}

@@ -1,0 +1,69 @@
+"""Plots of the PRF model (SPEC 6 ``plot_shape_model``), for the UI and the README."""
+
+from __future__ import annotations
+
+import numpy as np
+from astropy.wcs.utils import proj_plane_pixel_area
+
+from .._atomic import atomic_savefig
+
+__all__ = [
+    "plot_shape_model",
+]
+
+
+def plot_shape_model(model, path, dpi=110):
+    """Write a PNG of the shape-fit data, the model and their difference, in (r, phi) and on the sky.
+
+    Uses matplotlib's object API with the Agg canvas (no pyplot, no change of the global backend).
+
+    Parameters
+    ----------
+    model : PRFModel
+        A built model (with its shape-fit data).
+    path : str or os.PathLike
+        Output PNG.
+    dpi : int
+
+    Returns
+    -------
+    str
+        The path written.
+    """
+    from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend change
+
+    d = model.shape_data
+    if d is None or d["r"].size == 0:
+        raise ValueError("no shape-fit data to plot (build the model first)")
+    sm = model.shape
+    # Normalised model: log10 of the fraction of the source flux (inside rmax) in a pixel.
+    lognorm = np.log10(proj_plane_pixel_area(model.wcs.celestial) * 3600.0**2 / sm.norm)
+    model_y = sm.log_value(d["r"], d["phi"]) + lognorm
+    resid = d["y"] - model_y
+    vmin, vmax = np.percentile(d["y"], [2, 99.8])
+    rlim = max(float(np.percentile(np.abs(resid), 95)), 1e-3)
+    fig = Figure(figsize=(15, 9), constrained_layout=True)
+    axes = fig.subplots(2, 3)
+    kw = dict(s=2, cmap="viridis", vmin=vmin, vmax=vmax, rasterized=True)
+    kr = dict(s=2, cmap="RdBu_r", vmin=-rlim, vmax=rlim, rasterized=True)
+    deg = np.rad2deg(d["phi"])
+    sky = dict(xlabel="xi (east) [arcsec]", ylabel="eta (north) [arcsec]", aspect="equal")
+    polar = dict(xlabel="r [arcsec]", ylabel="phi [deg]")
+    axes[0, 0].scatter(d["r"], deg, c=d["y"], **kw)
+    axes[0, 0].set(title="data: log10(pixel flux / source flux)", **polar)
+    im = axes[0, 1].scatter(d["r"], deg, c=model_y, **kw)
+    axes[0, 1].set(title=f'model (normalised over r <= {sm.rmax:g}")', **polar)
+    imr = axes[0, 2].scatter(d["r"], deg, c=resid, **kr)
+    axes[0, 2].set(title="data - model [dex]", **polar)
+    axes[1, 0].scatter(d["xi"], d["eta"], c=d["y"], **kw)
+    axes[1, 0].set(title="data on the sky", **sky)
+    g = np.linspace(-sm.rmax, sm.rmax, 201)
+    gx, gy = np.meshgrid(g, g)
+    mv = sm.log_value(np.hypot(gx, gy), np.arctan2(gy, gx)) + lognorm
+    axes[1, 1].pcolormesh(gx, gy, mv, cmap="viridis", vmin=vmin, vmax=vmax, shading="auto", rasterized=True)
+    axes[1, 1].set(title="model on the sky", **sky)
+    axes[1, 2].scatter(d["xi"], d["eta"], c=resid, **kr)
+    axes[1, 2].set(title="data - model on the sky [dex]", **sky)
+    fig.colorbar(im, ax=axes[:, :2], shrink=0.6, label="log10(pixel flux / source flux in rmax)")
+    fig.colorbar(imr, ax=axes[:, 2], shrink=0.6, label="residual [dex]")
+    return str(atomic_savefig(fig, path, dpi=dpi))

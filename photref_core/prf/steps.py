@@ -1,0 +1,213 @@
+"""The PRF steps over the store (SPEC 6): shape model, flux arrays, per-frame-chunk fits, products.
+
+Results sit beside the images (layout: :mod:`photref_core.store.schema`): ``prf/model-<key>`` (the shape
+model's arrays) and ``prf/fluxes-<key>`` (flux, flux_err, flag per frame and source; one writer per frame
+chunk).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import zarr
+from astropy.io import fits
+from astropy.table import Table
+
+from .. import keys
+from .._atomic import atomic_writeto
+from ..catalog import read_catalog
+from ..errors import BadInputError, StoreError
+from ..ingest.arrays import add_photometry
+from ..ingest.images import GROUP, ingested_frames, load_images, open_image_group
+from ..store.schema import open_store, store_exists
+from .model import PRFModel
+from .parameters import PRFParameters
+
+__all__ = [
+    "add_psf_photometry",
+    "build_prf_model",
+    "create_flux_arrays",
+    "fit_frame_chunk",
+    "flux_table",
+    "frame_chunks",
+    "load_prf_model",
+    "prf_model_key",
+    "write_flux_table",
+]
+
+
+def build_prf_model(store, catalog_path, params: PRFParameters, key: str) -> str:
+    """Fit the field's shape model on its ingested images; store its arrays as ``prf/model-<key>``."""
+    group = open_image_group(store, "r+")
+    slots = ingested_frames(store)
+    if slots.size == 0:
+        raise StoreError(f"{os.fspath(store)}: no ingested image to build a PRF model from")
+    catalog = read_catalog(catalog_path)
+    for column in ("ra", "dec", params.sources_flux_column):
+        if column not in catalog.colnames:
+            raise BadInputError(catalog_path, f"catalog has no '{column}' column (needed for PRF solving)")
+    cube, wcs = load_images(group, slots)
+    model = PRFModel.build(
+        cube["flux"],
+        cube["flux_err"],
+        wcs,
+        np.asarray(catalog["ra"]),
+        np.asarray(catalog["dec"]),
+        np.asarray(catalog[params.sources_flux_column], dtype=float),
+        source_ids=np.asarray(catalog["source_id"]).astype(np.int64),
+        params=params,
+        mask=cube["mask"],
+    )
+    name = f"model-{key}"
+    if name in group:
+        del group[name]
+    out = group.create_group(name)
+    scalars = {}  # 0-d values (JSON text, versions, norms) go to the attributes
+    for k, v in model.to_arrays().items():
+        v = np.asarray(v)
+        if v.ndim == 0:
+            scalars[k] = v.item()
+        else:
+            chunks = tuple(max(1, n) for n in v.shape)
+            out.create_array(k, shape=v.shape, dtype=v.dtype, chunks=chunks)[...] = v
+    out.attrs["scalars"] = scalars
+    return f"{GROUP}/{name}"
+
+
+def load_prf_model(store, model_group: str) -> PRFModel:
+    """The shape model stored by :func:`build_prf_model`."""
+    group = zarr.open_group(os.fspath(store), path=model_group, mode="r")
+    arrays = {k: np.asarray(a[...]) for k, a in group.arrays()}
+    arrays.update({k: np.array(v) for k, v in group.attrs["scalars"].items()})
+    return PRFModel.from_arrays(arrays)
+
+
+def create_flux_arrays(store, model_group: str, key: str) -> str:
+    """Create ``prf/fluxes-<key>`` at full size (frames x sources) before the fit fan-out."""
+    group = open_image_group(store, "r+")
+    model = zarr.open_group(os.fspath(store), path=model_group, mode="r")
+    source_ids = np.asarray(model["source_id"][...])
+    n_frames, fpc = group["frame_state"].shape[0], group["flux"].chunks[0]
+    name = f"fluxes-{key}"
+    if name in group:  # same model and same frames: keep the rows already fitted
+        return f"{GROUP}/{name}"
+    out = group.create_group(name)
+    for var, dtype, fill in (("flux", "f8", np.nan), ("flux_err", "f8", np.nan), ("flag", "i4", 0)):
+        out.create_array(
+            var,
+            shape=(n_frames, source_ids.size),
+            chunks=(fpc, max(source_ids.size, 1)),
+            dtype=dtype,
+            fill_value=fill,
+            dimension_names=["frame", "source"],
+        )
+    out.create_array("source_id", shape=source_ids.shape, dtype="i8", dimension_names=["source"])[:] = (
+        source_ids
+    )
+    out.attrs["model_group"] = model_group
+    return f"{GROUP}/{name}"
+
+
+def frame_chunks(store) -> list[list[int]]:
+    """Ingested image slots grouped by frame chunk: one fit task each (each owns its flux rows)."""
+    fpc = open_image_group(store)["flux"].chunks[0]
+    slots = ingested_frames(store)
+    chunks: dict[int, list[int]] = {}
+    for s in slots:
+        chunks.setdefault(int(s) // fpc, []).append(int(s))
+    return list(chunks.values())
+
+
+def fit_frame_chunk(store, model_group: str, flux_group: str, slots: list[int]) -> int:
+    """Fit every source's flux in the frames ``slots`` (one frame chunk) and write their rows."""
+    group = open_image_group(store)
+    model = load_prf_model(store, model_group)
+    cube, wcs = load_images(group, np.asarray(slots))
+    result = model.fit(cube["flux"], cube["flux_err"], mask=cube["mask"], wcs=wcs)
+    out = zarr.open_group(os.fspath(store), path=flux_group, mode="r+")
+    lo, hi = min(slots), max(slots) + 1
+    block = {n: out[n][lo:hi] for n in ("flux", "flux_err", "flag")}
+    rows = np.asarray(slots) - lo
+    block["flux"][rows], block["flux_err"][rows], block["flag"][rows] = (
+        result.flux,
+        result.flux_err,
+        result.flag,
+    )
+    for n, v in block.items():
+        out[n][lo:hi] = v
+    return len(slots)
+
+
+def flux_table(store, flux_group: str) -> Table:
+    """Long-format fluxes of the ingested frames: one row per (frame, source), SPEC 6 output columns."""
+    group = open_image_group(store)
+    out = zarr.open_group(os.fspath(store), path=flux_group, mode="r")
+    slots = ingested_frames(store)
+    ids = np.asarray(out["source_id"][...])
+    frame_ids = group["frame_id"][:]
+    flux = out["flux"].get_orthogonal_selection((slots, slice(None)))
+    err = out["flux_err"].get_orthogonal_selection((slots, slice(None)))
+    flag = out["flag"].get_orthogonal_selection((slots, slice(None)))
+    table = Table()
+    table["frame_id"] = np.repeat(np.asarray([str(frame_ids[s]) for s in slots]), ids.size)
+    table["source_id"] = np.tile(ids, slots.size).astype(np.int64)
+    table["flux"] = flux.ravel().astype(np.float64)
+    table["flux_err"] = err.ravel().astype(np.float64)
+    table["flag"] = flag.ravel().astype(np.int32)
+    return table
+
+
+def write_flux_table(store, flux_group: str, output, model_group: str | None = None) -> str:
+    """Write the long-format flux FITS table atomically (fsync'd temporary name, then rename)."""
+    table = flux_table(store, flux_group)
+    hdu = fits.table_to_hdu(table)
+    hdu.name = "FLUXES"
+    primary = fits.PrimaryHDU()
+    primary.header["STORE"] = os.fspath(store)
+    if model_group:
+        primary.header["PRFMODEL"] = model_group
+    return str(atomic_writeto(fits.HDUList([primary, hdu]), output))
+
+
+def prf_model_key(store, params: PRFParameters, catalog_path) -> str:
+    """Key of a shape model: the images ingested (content version), the parameters and the catalog file."""
+    version = open_image_group(store).attrs.get("content_version", "")
+    return keys.prf_model_key(version, params, catalog_path)
+
+
+def add_psf_photometry(store, flux_group: str, zero_point: float = 25.0, name: str = "psf") -> dict:
+    """Add the PRF fluxes to the field's photometry store as one more photometry (SPEC 6).
+
+    mag = zero_point - 2.5 log10(flux), mag_err = 2.5 / ln(10) x flux_err / flux; fluxes that are not
+    positive or are flagged give NaN (missing). Adding the same flux group twice changes nothing; a new
+    PRF run replaces the photometry ``name`` in place.
+    """
+    url = os.fspath(store)
+    if store_exists(url) and open_store(url).attrs.get("photometry_origin", {}).get(name) == flux_group:
+        return {"photometry": open_store(url).attrs["photometry_names"].index(name), "unchanged": True}
+    group = open_image_group(store)
+    out = zarr.open_group(url, path=flux_group, mode="r")
+    slots = ingested_frames(store)
+    flux = out["flux"].get_orthogonal_selection((slots, slice(None)))
+    err = out["flux_err"].get_orthogonal_selection((slots, slice(None)))
+    flag = out["flag"].get_orthogonal_selection((slots, slice(None)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        good = (flux > 0) & np.isfinite(err) & (err > 0) & (flag == 0)
+        mag = np.where(good, zero_point - 2.5 * np.log10(flux), np.nan)
+        mag_err = np.where(good, 2.5 / np.log(10) * err / flux, np.nan)
+    frame_ids = [str(f) for f in group["frame_id"].get_orthogonal_selection((slots,))]
+    result = add_photometry(
+        url,
+        frame_ids,
+        np.asarray(out["source_id"][...]),
+        mag,
+        mag_err,
+        name,
+        time=group["time"].get_orthogonal_selection((slots,)),
+    )
+    root = zarr.open_group(url, mode="r+")
+    origin = dict(root.attrs.get("photometry_origin", {}))
+    origin[name] = flux_group
+    root.attrs["photometry_origin"] = origin
+    return result

@@ -1,0 +1,215 @@
+"""The PRF flow on a real Prefect server: pixel store, fluxes equal the core's, caching, bad images."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from photref_core.ingest.readers import read_image
+from photref_core.prf.model import PRFModel
+from photref_core.prf.parameters import PRFParameters
+
+
+@pytest.fixture(scope="module")
+def image_field(tmp_path_factory):
+    from photref_core.simulate.images import simulate_images
+
+    return simulate_images(
+        tmp_path_factory.mktemp("images"), n_frames=10, n_stars=30, size=160, min_separation=24, seed=11
+    )
+
+
+@pytest.fixture
+def images(image_field, tmp_path):
+    dst = tmp_path / "images"
+    shutil.copytree(Path(image_field["catalog"]).parent, dst)
+    return sorted((dst / "frames").glob("*.fits")), dst / "catalog.fits", dst / "truth.fits"
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            return {r.name: r.state.name for r in runs}
+
+    return asyncio.run(read())
+
+
+def run(store, paths, catalog, output, **kw):
+    from flows.prf import solve_prf
+
+    state = solve_prf(
+        store=str(store),
+        images=[str(p) for p in paths],
+        catalog=str(catalog),
+        output=str(output),
+        rmax=1.1,
+        return_state=True,
+        **kw,
+    )
+    return state.result(), task_states(state.state_details.flow_run_id)
+
+
+def test_prf_flow_matches_core_and_is_cached(prefect_server, image_field, images, tmp_path):
+    paths, catalog, truth = images
+    store, output = tmp_path / "s.zarr", tmp_path / "fluxes.fits"
+    products, states = run(store, paths, catalog, output)
+
+    # The pixel store holds exactly the frames.
+    import xarray as xr
+
+    ds = xr.open_zarr(str(store), group="prf", consolidated=False)
+    assert ds["flux"].dims == ("frame", "pixel")
+    by_id = {str(f): k for k, f in enumerate(ds.frame_id.values)}
+    cubes = {"flux": [], "flux_err": [], "mask": []}
+    for p in paths:
+        image = read_image(p)
+        k = by_id[image["frame_id"]]
+        for name in cubes:
+            np.testing.assert_array_equal(ds[name].values[k], image[name].ravel())
+            cubes[name].append(image[name])
+
+    # The fluxes equal the core's direct build + fit on the same data.
+    cat = Table.read(catalog)
+    wcs = WCS(fits.getheader(paths[0]))
+    model = PRFModel.build(
+        np.array(cubes["flux"]),
+        np.array(cubes["flux_err"]),
+        wcs,
+        np.asarray(cat["ra"]),
+        np.asarray(cat["dec"]),
+        np.asarray(cat["flux"], float),
+        source_ids=np.asarray(cat["source_id"]).astype(np.int64),
+        params=PRFParameters(rmax=1.1),
+        mask=np.array(cubes["mask"]),
+    )
+    direct = model.fit(np.array(cubes["flux"]), np.array(cubes["flux_err"]), mask=np.array(cubes["mask"]))
+    table = Table.read(output)
+    assert table.colnames == ["frame_id", "source_id", "flux", "flux_err", "flag"]
+    assert table["source_id"].dtype.kind == "i" and table["source_id"].dtype.itemsize == 8
+    assert table["flux"].dtype.kind == "f" and table["flux"].dtype.itemsize == 8
+    assert len(table) == len(paths) * len(cat)
+    frame_ids = [read_image(p, header_only=True)["frame_id"] for p in paths]
+    for t, fid in enumerate(frame_ids):
+        rows = table[table["frame_id"] == fid]
+        np.testing.assert_array_equal(np.asarray(rows["source_id"]), np.asarray(cat["source_id"]))
+        np.testing.assert_allclose(rows["flux"], direct.flux[t], rtol=1e-9)
+        np.testing.assert_allclose(rows["flux_err"], direct.flux_err[t], rtol=1e-9)
+    # Isolated stars agree with the truth (flux inside rmax = total x encircled energy) to about 1 %.
+    tr = Table.read(truth)
+    from photref_core.simulate.images import encircled_energy
+
+    ee = encircled_energy(1.1 / 0.11, prf=image_field["prf"])
+    isolated = (tr["pair_id"] < 0) & ~tr["edge"]
+    expect = {(str(r["frame_id"]), int(r["source_id"])): r["flux"] * ee for r in tr[isolated]}
+    rel = [
+        row["flux"] / expect[(str(row["frame_id"]), int(row["source_id"]))] - 1
+        for row in table
+        if (str(row["frame_id"]), int(row["source_id"])) in expect
+    ]
+    assert len(rel) > 100 and np.median(np.abs(rel)) < 0.01
+    assert Path(products["plot"]).exists()
+
+    # Unchanged re-run: the model and every fit come from the cache.
+    again, states2 = run(store, paths, catalog, output)
+    assert again["model_group"] == products["model_group"]
+    assert states2[f"shape model {products['model_group'].split('model-')[1]}"] == "Cached"
+    assert all(v == "Cached" for k, v in states2.items() if k.startswith("fit frames"))
+    assert not any(k.startswith("images chunk") for k in states2)
+
+
+def test_bad_images_are_quarantined(prefect_server, images, tmp_path):
+    paths, catalog, truth = images
+    paths[0].write_bytes(paths[0].read_bytes()[:2000])
+    fits.writeto(paths[1], np.zeros((160, 160), np.float32), overwrite=True)  # no WCS
+    products, _ = run(tmp_path / "s.zarr", paths, catalog, tmp_path / "f.fits")
+    from photref_core.ingest.images import open_image_group as _open
+
+    q = _open(tmp_path / "s.zarr").attrs["quarantine"]
+    assert "cannot read the image" in q[str(paths[0])]["reason"]
+    assert "no celestial WCS" in q[str(paths[1])]["reason"]
+    assert products["n_frames"] == len(paths) - 2
+
+
+def test_psf_photometry_feeds_the_master(prefect_server, images, tmp_path):
+    """--as-photometry: the PRF fluxes become a photometry of the store and the master flow uses them."""
+    from flows.master_photref import build_master_photref
+    from photref_core.master.fits import read_master
+    from photref_core.store.schema import open_store
+
+    paths, catalog, truth = images
+    store = tmp_path / "s.zarr"
+    products, _ = run(store, paths, catalog, tmp_path / "f.fits", as_photometry=True, zero_point=25.0)
+    assert products["psf_photometry"]["photometry"] == 0
+    again, _ = run(store, paths, catalog, tmp_path / "f.fits", as_photometry=True, zero_point=25.0)
+    assert again["psf_photometry"] == {"photometry": 0, "unchanged": True}
+    group = open_store(store)
+    assert group.attrs["photometry_names"] == ["psf"] and group["mag"].shape[2] == 1
+
+    table = Table.read(tmp_path / "f.fits")
+    master = build_master_photref(
+        store=str(store),
+        catalog=str(catalog),
+        output=str(tmp_path / "m.fits"),
+        fit_terms="O1{magnitude}",
+        min_nobs_median_fraction=0.0,
+    )
+    phot = read_master(master["master"])["photometries"][0]
+    assert len(phot) > 10
+    for row in phot[:10]:
+        fluxes = table["flux"][table["source_id"] == int(row["source_id"])]
+        assert row["magnitude"] == pytest.approx(25.0 - 2.5 * np.log10(np.median(fluxes)), abs=0.02)
+
+
+def test_add_photometry_to_an_existing_store(small_field, tmp_path):
+    """A PSF photometry added to a P=3 store becomes photometry 3; later frame files still ingest."""
+    from photref_core.catalog import read_catalog
+    from photref_core.ingest.arrays import add_photometry
+    from photref_core.ingest.photometry import finalize_ingestion, ingest_batch, plan_ingestion
+    from photref_core.store.schema import open_store
+
+    frames = sorted(Path(small_field.frames[0]).parent.glob("*.fits"))
+    store = tmp_path / "s.zarr"
+    cat = read_catalog(small_field.catalog)
+    plan = plan_ingestion(store, frames[:20], catalog=cat)
+    finalize_ingestion(store, [r for b in plan.batches for r in ingest_batch(store, b)])
+    group = open_store(store)
+    fids = [str(f) for f in group["frame_id"][:]][:5] + ["not-a-frame"]
+    ids = np.concatenate([group["source_id"][:10], np.array([12345], dtype=np.uint64)])
+    values = np.arange(6 * 11, dtype=float).reshape(6, 11)
+    version = group.attrs["content_version"]
+    out = add_photometry(store, fids, ids, values, values / 100 + 0.01, "psf")
+    assert out == {
+        "photometry": 3,
+        "frames_matched": 5,
+        "frames_unknown": 1,
+        "sources_matched": 10,
+        "sources_unknown": 1,
+    }
+    group = open_store(store)
+    assert group["mag"].shape[2] == 4 and group.attrs["content_version"] != version
+    np.testing.assert_array_equal(group["mag"][:5, :10, 3], values[:5, :10])
+    assert np.isnan(group["mag"][5:, :, 3]).all() and np.isnan(group["mag"][:5, 10:, 3]).all()
+    before = group["mag"][:5, :, :3]
+    # The same name again replaces in place; new frame files fill photometries 0-2 only.
+    add_photometry(store, fids, ids, values + 1, values / 100 + 0.01, "psf")
+    plan = plan_ingestion(store, frames, catalog=cat)
+    results = [r for b in plan.batches for r in ingest_batch(store, b)]
+    assert all(r.reason is None for r in results) and len(results) == len(frames) - 20
+    group = open_store(store)
+    assert group["mag"].shape[2] == 4
+    np.testing.assert_array_equal(group["mag"][:5, :10, 3], values[:5, :10] + 1)
+    np.testing.assert_array_equal(group["mag"][:5, :, :3], before)
+    assert np.isnan(group["mag"][20:, :, 3]).all() and np.isfinite(group["mag"][20:, :, :3]).any()
