@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 from photref_core.store.lock import store_lock
+from photref_core.store.schema import store_url
 from tasks.ingest import finalize_ingestion, ingest_batch, plan_ingestion
 
 from .artifacts import publish_ingestion_summary
@@ -72,7 +73,7 @@ def ingest_frames(
         Counts of ingested, skipped and quarantined frames and the store's content version.
     """
     logger = get_run_logger()
-    store = os.fspath(store)
+    store = store_url(store)  # one spelling for cache keys, locks and reports
     with store_lock(store, timeout=lock_timeout):
         paths = expand_frame_paths(frames)
         plan = plan_ingestion(store, paths, catalog, dtype, frames_per_chunk, strict)

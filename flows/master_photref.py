@@ -33,9 +33,10 @@ from photref_core.catalog import read_catalog
 from photref_core.errors import BadInputError, StoreError, retry_transient
 from photref_core.ingest.photometry import ingestion_needed
 from photref_core.master.parameters import MASTER_DEFAULTS, MasterParameters
-from photref_core.master.steps import statistics_path, validate_fit_terms
+from photref_core.master.steps import products_intact, statistics_path, validate_fit_terms
 from photref_core.store.groups import group_exists
 from photref_core.store.lock import store_lock
+from photref_core.store.schema import store_url
 from tasks.master import compute_statistics, fit_statistics, write_products
 
 from .artifacts import publish_master_artifacts
@@ -120,7 +121,8 @@ def build_master_photref(
         Paths of the products and a per-photometry summary.
     """
     logger = get_run_logger()
-    store, catalog, output = os.fspath(store), os.fspath(catalog), os.path.abspath(output)
+    # One spelling of every path (a relative store path would miss the cache of an absolute one).
+    store, catalog, output = store_url(store), os.path.abspath(catalog), os.path.abspath(output)
     params = MasterParameters(
         outlier_threshold=outlier_threshold,
         max_rejection_iterations=max_rejection_iterations,
@@ -154,7 +156,7 @@ def build_master_photref(
         products, unchanged = _run_step(
             write_products,
             (store, stats_group, fit_group, catalog, output, params, extra_header, plots),
-            lambda p: all(os.path.exists(f) for f in [p["master"], p["statistics"], *p["plots"]]),
+            products_intact,
         )
         if unchanged:
             # Same products as the run that wrote them (their cache key covers every input), and that run

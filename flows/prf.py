@@ -21,6 +21,7 @@ from prefect.futures import as_completed
 from photref_core.prf.parameters import PRF_DEFAULTS, PRFParameters
 from photref_core.prf.steps import frame_chunks, prf_model_key
 from photref_core.store.lock import store_lock
+from photref_core.store.schema import store_url
 from tasks.prf import (
     add_psf_photometry,
     build_prf_model,
@@ -101,7 +102,8 @@ def solve_prf(
     """
     from flows.ingest import expand_frame_paths
 
-    store, catalog, output = os.fspath(store), os.fspath(catalog), os.path.abspath(output)
+    # One spelling of every path (a relative store path would miss the cache of an absolute one).
+    store, catalog, output = store_url(store), os.path.abspath(catalog), os.path.abspath(output)
     params = PRFParameters(
         n_r_knots=n_r_knots,
         n_phi_knots=n_phi_knots,

@@ -25,7 +25,7 @@ from astropy.table import Table
 
 from ..catalog import read_catalog
 from ..errors import retry_transient
-from ..keys import fit_key, statistics_key
+from ..keys import file_key, fit_key, statistics_key
 from ..store.frames import frame_states, frame_table
 from ..store.groups import RESULTS_GROUP, load_group, write_group
 from ..store.schema import INGESTED, committed_sizes, open_store
@@ -42,6 +42,7 @@ __all__ = [
     "load_results",
     "merge_results",
     "photometry_summary",
+    "products_intact",
     "scatter_fit_dataset",
     "statistics_path",
     "validate_fit_terms",
@@ -296,14 +297,28 @@ def write_products(
         plot_paths.append(
             str(plot_excess_histogram(results, params, master.with_name(master.stem + "_excess.png")))
         )
+    files = [str(master), str(stat), *plot_paths]
     return {
         "master": str(master),
         "statistics": str(stat),
         "plots": plot_paths,
+        # What was written, as it was written: a cached result is handed back only while the files on
+        # disk are still these (products_intact), never after another run overwrote them.
+        "files": {path: file_key(path) for path in files},
         "frames_included": int(included.sum()),
         "frames_excluded": int((~included).sum()),
         "photometries": summary,
     }
+
+
+def products_intact(products: dict) -> bool:
+    """Whether the files a :func:`write_products` result names are still on disk exactly as it wrote them
+    (same path, mtime and size). False when any was deleted, or overwritten (e.g. by a run with other
+    parameters writing to the same output): then the cached result must not be used."""
+    files = products.get("files")
+    if not files:
+        return False
+    return all(file_key(path) == list(identity) for path, identity in files.items())
 
 
 def photometry_summary(results: xr.Dataset) -> list[dict]:

@@ -105,7 +105,11 @@ FRAME_META = ("frame_id", "time", "frame_path", "frame_mtime_ns", "frame_size")
 
 
 def store_url(store) -> str:
-    return os.fspath(store)
+    """The store's one spelling: an absolute path for a local store (``field.zarr``, ``./field.zarr`` and
+    ``/data/field.zarr`` are the same store, and cache keys and locks must see one name), the URL as given
+    for an fsspec URL (``memory://``, ``s3://``, ``file://``)."""
+    text = os.fspath(store)
+    return text if "://" in text else os.path.abspath(text)
 
 
 def open_store(store, mode: str = "r") -> zarr.Group:

@@ -31,19 +31,26 @@ def run(store, catalog, output, **kw):
     return build_master_photref(store=str(store), catalog=str(catalog), output=str(output), **kw)
 
 
-def task_states(flow_run_id) -> dict[str, str]:
-    """{task name: state name} of a flow run's task runs, read back from the Prefect server."""
+def task_runs(flow_run_id) -> list[tuple[str, str]]:
+    """(task name, state name) of a flow run's task runs in start order, read back from the Prefect server."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
 
     async def read():
         async with get_client() as client:
             runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
             )
-            return {r.name: r.state.name for r in runs}
+            return [(r.name, r.state.name) for r in runs]
 
     return asyncio.run(read())
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """{task name: state name} of a flow run's task runs (the last run of a name wins)."""
+    return dict(task_runs(flow_run_id))
 
 
 def subflow_names(flow_run_id) -> list[str]:
@@ -183,6 +190,41 @@ def test_caching_unchanged_new_frame_and_changed_threshold(prefect_server, field
     Path(p4["statistics"]).unlink()
     p5 = run(store, catalog, output, frames=[str(p) for p in frames])
     assert Path(p5["statistics"]).exists()
+
+
+def test_cache_never_hands_back_a_master_overwritten_by_other_parameters(prefect_server, field, tmp_path):
+    """Two runs with different thresholds to one output, then the first again: the first's products are
+    in the cache, but the file on disk is the second's, so the step runs again and the file is right."""
+    root, frames, catalog = field
+    store, output = tmp_path / "s.zarr", tmp_path / "master.fits"
+    paths = [str(p) for p in frames]
+    run_with_state(store, catalog, output, frames=paths, fit_outlier_threshold=3.0)
+    _, states, _ = run_with_state(store, catalog, output, frames=paths, fit_outlier_threshold=4.0)
+    assert states[f"write {output}"] == "Completed"
+    with fits.open(output) as hdul:
+        assert hdul[0].header["OUTL_THR"] == 4.0
+    again, states, run_id = run_with_state(store, catalog, output, frames=paths, fit_outlier_threshold=3.0)
+    assert states["statistics " + str(store)] == "Cached"  # what is still valid stays cached
+    # The cached write was refused (the file is not the one it wrote) and the step ran again.
+    assert [s for name, s in task_runs(run_id) if name == f"write {output}"] == ["Cached", "Completed"]
+    with fits.open(output) as hdul:
+        assert hdul[0].header["OUTL_THR"] == 3.0
+    # And now unchanged: served from the cache, the file untouched.
+    mtime = output.stat().st_mtime_ns
+    _, states, _ = run_with_state(store, catalog, output, frames=paths, fit_outlier_threshold=3.0)
+    assert states[f"write {output}"] == "Cached"
+    assert output.stat().st_mtime_ns == mtime
+
+
+def test_relative_store_path_hits_the_cache_of_the_absolute_one(prefect_server, field, tmp_path, monkeypatch):
+    root, frames, catalog = field
+    paths = [str(p) for p in frames]
+    monkeypatch.chdir(tmp_path)
+    first, states, _ = run_with_state(tmp_path / "s.zarr", catalog, tmp_path / "m.fits", frames=paths)
+    assert states["statistics " + str(tmp_path / "s.zarr")] == "Completed"
+    again, states, _ = run_with_state("s.zarr", catalog, "m.fits", frames=paths)
+    assert states == {k: "Cached" for k in states} and states
+    assert again == first
 
 
 def test_bad_fit_terms_fail_before_any_work(prefect_server, field, tmp_path):
