@@ -29,16 +29,16 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
     )
     t_sim = time.perf_counter() - t0
     t0 = time.perf_counter()
-    products = run_master(
-        out / "field.zarr", sim.catalog, out / "master.fits", frames=[str(p) for p in sim.frames]
-    )
+    # The glob, as a user passes it: one parameter in the UI, not 60 expanded paths.
+    frames_glob = str(Path(sim.frames[0]).parent / "*.fits")
+    products = run_master(out / "field.zarr", sim.catalog, out / "master.fits", frames=[frames_glob])
     t_master = time.perf_counter() - t0
     # A small PRF field (0.11"/pix, dec 70, 40 stars with crowded pairs and variables) with rmax 1.1".
     t0 = time.perf_counter()
     images = simulate_images(out / "images", n_frames=12, n_stars=40, size=200, min_separation=24, seed=seed)
     prf = run_prf(
         out / "field.zarr",
-        [str(p) for p in images["paths"]],
+        [str(Path(images["paths"][0]).parent / "*.fits")],
         images["catalog"],
         out / "prf_fluxes.fits",
         rmax=1.1,
@@ -93,7 +93,8 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
 def _cmd_demo(args) -> int:
     summary = run_demo(args.directory, frames=args.frames, stars=args.stars, seed=args.seed)
     print(Path(args.directory, "summary.md").read_text())
-    print(f"(took {summary['seconds']})")
+    took = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in summary["seconds"].items())
+    print(f"Took: {took}.")
     return 0
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
-from photref_core.store.lock import store_lock
+from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks.ingest import finalize_ingestion, ingest_batch, plan_ingestion
 
@@ -74,7 +74,7 @@ def ingest_frames(
     """
     logger = get_run_logger()
     store = store_url(store)  # one spelling for cache keys, locks and reports
-    with store_lock(store, timeout=lock_timeout):
+    with store_run(store, timeout=lock_timeout):
         paths = expand_frame_paths(frames)
         plan = plan_ingestion(store, paths, catalog, dtype, frames_per_chunk, strict)
         logger.info(

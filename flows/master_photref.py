@@ -35,7 +35,7 @@ from photref_core.ingest.photometry import ingestion_needed
 from photref_core.master.parameters import MASTER_DEFAULTS, MasterParameters
 from photref_core.master.steps import products_intact, statistics_path, validate_fit_terms
 from photref_core.store.groups import group_exists
-from photref_core.store.lock import store_lock
+from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks.master import compute_statistics, fit_statistics, write_products
 
@@ -137,7 +137,7 @@ def build_master_photref(
     )
     catalog_table = retry_transient(read_catalog, catalog)
     term_names = validate_fit_terms(fit_terms, catalog_table).term_names
-    with store_lock(store, timeout=lock_timeout):
+    with store_run(store, timeout=lock_timeout):
         if frames and _ingestion_needed(store, frames, catalog_table):
             # The ingestion subflow runs on this run's task runner (threads or the Dask cluster).
             runner = FlowRunContext.get().task_runner.duplicate()

@@ -20,7 +20,7 @@ from prefect.futures import as_completed
 
 from photref_core.prf.parameters import PRF_DEFAULTS, PRFParameters
 from photref_core.prf.steps import frame_chunks, prf_model_key
-from photref_core.store.lock import store_lock
+from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks.prf import (
     add_psf_photometry,
@@ -120,7 +120,7 @@ def solve_prf(
         prior_sigma=prior_sigma,
         fit_background=fit_background,
     )
-    with store_lock(store, timeout=lock_timeout):
+    with store_run(store, timeout=lock_timeout):
         plan = plan_image_ingestion(store, expand_frame_paths(images), strict, frames_per_chunk)
         futures = [ingest_image_batch.submit(store, batch, strict) for batch in plan.batches]
         results = [r for f in futures for r in f.result()]

@@ -13,6 +13,15 @@ heartbeats stop as crashed). So photref's entry points for runs started by hand 
 at once; deployment runs (``deployments/``) keep Prefect's heartbeat. A heartbeat configured explicitly
 (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` in the environment or the Prefect profile) is always kept.
 
+Dask workers and the Prefect server
+-----------------------------------
+Tasks on a Dask scheduler run in the worker processes, and report their states to the Prefect API named
+in the settings the flow run hands them. On Prefect's temporary server that is no URL at all, and each
+worker then starts a temporary server of its own (a 0.5 s master took 56 s). So a run by hand with
+``dask_address`` and no ``PREFECT_API_URL`` starts the temporary server itself and names its URL in the
+run's settings: local workers report to the run's server. Workers on other machines cannot reach it
+(it listens on 127.0.0.1): such a run is refused, with what to start instead.
+
 What Prefect rebuilds for every flow run
 ----------------------------------------
 A cached re-run does almost nothing, so Prefect's own per-run costs are most of it. Runs started by hand
@@ -28,6 +37,7 @@ import functools
 import os
 import ssl
 from pathlib import Path
+from urllib.parse import urlparse
 
 import certifi
 from prefect.context import SettingsContext, SyncClientContext, get_settings_context
@@ -61,8 +71,33 @@ def heartbeat_configured() -> bool:
     return "heartbeat_frequency" in get_current_settings().flows.model_fields_set
 
 
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+
+
+def _temporary_server_url(dask_address: str) -> str:
+    """Start Prefect's temporary server (the one this process would start at its first API call) and
+    return its API URL, for Dask workers on this machine; refuse workers elsewhere."""
+    import socket
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from photref_core.errors import PhotrefError
+
+    host = urlparse(dask_address if "://" in dask_address else f"tcp://{dask_address}").hostname or ""
+    if host not in _LOCAL_HOSTS | {socket.gethostname(), socket.getfqdn()}:
+        raise PhotrefError(
+            f"--dask-address {dask_address}: Dask workers on another machine cannot report to Prefect's "
+            "temporary server (it listens on 127.0.0.1 of this process). Start a server they can reach "
+            "(`photref server start --host 0.0.0.0`, or `prefect server start`) and set "
+            "PREFECT_API_URL=http://<this host>:<port>/api here"
+        )
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url
+
+
 @contextlib.contextmanager
-def hand_run_settings():
+def hand_run_settings(dask_address: str | None = None):
     """Prefect settings for flow runs started by hand: no flow-run heartbeat, unless one is configured.
 
     The environment variable cannot say "no heartbeat" (Prefect reads it as an integer >= 30), so this is
@@ -71,13 +106,17 @@ def hand_run_settings():
     re-reads every setting from the environment and the profile (25-30 ms here, a third of an empty flow
     run).
     """
-    if heartbeat_configured():
-        yield
-        return
     context = get_settings_context()
     settings = context.settings
-    flows = settings.flows.model_copy(update={"heartbeat_frequency": None})
-    with SettingsContext(profile=context.profile, settings=settings.model_copy(update={"flows": flows})):
+    updates = {}
+    if not heartbeat_configured():
+        updates["flows"] = settings.flows.model_copy(update={"heartbeat_frequency": None})
+    if dask_address and not settings.api.url:
+        updates["api"] = settings.api.model_copy(update={"url": _temporary_server_url(dask_address)})
+    if not updates:
+        yield
+        return
+    with SettingsContext(profile=context.profile, settings=settings.model_copy(update=updates)):
         yield
 
 
@@ -160,7 +199,7 @@ def run_by_hand(flow, max_workers: int | None = None, dask_address: str | None =
     **parameters
         The flow's parameters.
     """
-    with hand_run_settings(), api_client():
+    with hand_run_settings(dask_address), api_client():
         persist = flow.persist_result
         if persist is None:
             persist = get_current_settings().results.persist_by_default

@@ -1,21 +1,23 @@
 """Files (and arrays) -> the store: readers, frame photometry, images; thin rules over the one planner."""
 
-from .arrays import add_photometry, store_from_arrays
-from .images import finalize_image_ingestion, ingest_image_batch, plan_image_ingestion
-from .photometry import finalize_ingestion, ingest_batch, ingestion_needed, plan_ingestion
-from .readers import read_frame, read_frame_header, read_image
+from .._lazy import lazy_exports
 
-__all__ = [
-    "add_photometry",
-    "finalize_image_ingestion",
-    "finalize_ingestion",
-    "ingest_batch",
-    "ingest_image_batch",
-    "ingestion_needed",
-    "plan_image_ingestion",
-    "plan_ingestion",
-    "read_frame",
-    "read_frame_header",
-    "read_image",
-    "store_from_arrays",
-]
+# name -> submodule; imported on first use (see photref_core._lazy)
+_EXPORTS = {
+    "add_photometry": ".arrays",
+    "store_from_arrays": ".arrays",
+    "finalize_image_ingestion": ".images",
+    "ingest_image_batch": ".images",
+    "plan_image_ingestion": ".images",
+    "finalize_ingestion": ".photometry",
+    "ingest_batch": ".photometry",
+    "ingestion_needed": ".photometry",
+    "plan_ingestion": ".photometry",
+    "read_frame": ".readers",
+    "read_frame_header": ".readers",
+    "read_image": ".readers",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from ..errors import StoreError
-from ..store.frames import save_state_copy
+from ..store.frames import retag_state_copy, save_state_copy
 from ..store.schema import (
     DEFAULT_FRAMES_PER_CHUNK,
     FRAME_META,
@@ -149,7 +149,9 @@ def add_photometry(
             fill=lambda f0, f1: (mag[f0:f1, order, None], mag_err[f0:f1, order, None]),
         )
         group.attrs.update({"n_file_photometries": 0, "photometry_names": [name]})
-        group.attrs["content_version"] = content_version(url)
+        previous = group.attrs.get("content_version")
+        group.attrs["content_version"] = version = content_version(url)
+        retag_state_copy(group, previous, version)
         return {
             "photometry": 0,
             "frames_matched": len(frame_id),
@@ -194,7 +196,9 @@ def add_photometry(
             "photometry_revision": int(group.attrs.get("photometry_revision", 0)) + 1,
         }
     )
-    group.attrs["content_version"] = content_version(url)
+    previous = group.attrs.get("content_version")
+    group.attrs["content_version"] = version = content_version(url)
+    retag_state_copy(group, previous, version)
     return {
         "photometry": index,
         "frames_matched": len(rows),

@@ -25,7 +25,7 @@ from ..store.frames import (
     finish_ingestion,
     plan_frames,
 )
-from ..store.schema import INGESTED, QUARANTINED, SCHEMA_VERSION, create_frame_axis
+from ..store.schema import INGESTED, QUARANTINED, SCHEMA_VERSION, create_frame_axis, open_group
 from .readers import read_image
 
 __all__ = [
@@ -47,7 +47,7 @@ _PIXEL_ARRAYS = ("flux", "flux_err", "mask")
 
 def open_image_group(store, mode="r") -> zarr.Group:
     """The pixel group of a store (checks its schema version)."""
-    root = zarr.open_group(os.fspath(store), mode=mode)
+    root = open_group(store, mode=mode)
     try:
         group = root[GROUP]
     except KeyError as exc:
@@ -86,7 +86,7 @@ class ImageRules(FrameRules):
     def prepare(self, url, group, accepted):
         if group is not None:
             return group
-        root = zarr.open_group(url, mode="a")
+        root = open_group(url, mode="a")
         group = root.create_group(GROUP)
         npix = self.shape[0] * self.shape[1]
         fpc = self.frames_per_chunk
@@ -141,7 +141,7 @@ def plan_image_ingestion(
     file quarantines that file, a FRAMEID already ingested from another existing file is quarantined).
     """
     url = os.fspath(store)
-    root = zarr.open_group(url, mode="a")
+    root = open_group(url, mode="a")
     group = root[GROUP] if GROUP in root else None
     return plan_frames(
         url, group, paths, ImageRules(frames_per_chunk), strict=strict, scan_workers=scan_workers

@@ -1,30 +1,30 @@
 """The master photometric reference (SPEC 3-5): parameters, statistics with rejection, fit terms, scatter
 fit, the steps over the store, the FITS files and the plots."""
 
-from .fits import read_master, write_master, write_statistics_table
-from .fitterms import DEFAULT_FIT_TERMS, FitTerms, parse_fit_terms
-from .parameters import MASTER_DEFAULTS, MasterParameters
-from .scatter import ScatterFitParameters, fit_scatter
-from .stats import RejectionParameters, source_statistics, source_statistics_dask
-from .steps import build_master, compute_statistics, fit_statistics, validate_fit_terms, write_products
+from .._lazy import lazy_exports
 
-__all__ = [
-    "DEFAULT_FIT_TERMS",
-    "MASTER_DEFAULTS",
-    "FitTerms",
-    "MasterParameters",
-    "RejectionParameters",
-    "ScatterFitParameters",
-    "build_master",
-    "compute_statistics",
-    "fit_scatter",
-    "fit_statistics",
-    "parse_fit_terms",
-    "read_master",
-    "source_statistics",
-    "source_statistics_dask",
-    "validate_fit_terms",
-    "write_master",
-    "write_products",
-    "write_statistics_table",
-]
+# name -> submodule; imported on first use (see photref_core._lazy)
+_EXPORTS = {
+    "read_master": ".fits",
+    "write_master": ".fits",
+    "write_statistics_table": ".fits",
+    "DEFAULT_FIT_TERMS": ".fitterms",
+    "FitTerms": ".fitterms",
+    "parse_fit_terms": ".fitterms",
+    "MASTER_DEFAULTS": ".parameters",
+    "MasterParameters": ".parameters",
+    "ScatterFitParameters": ".scatter",
+    "fit_scatter": ".scatter",
+    "RejectionParameters": ".stats",
+    "source_statistics": ".stats",
+    "source_statistics_dask": ".stats",
+    "build_master": ".steps",
+    "compute_statistics": ".steps",
+    "fit_statistics": ".steps",
+    "validate_fit_terms": ".steps",
+    "write_products": ".steps",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

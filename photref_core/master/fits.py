@@ -29,16 +29,18 @@ import os
 import pathlib
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 from astropy.io import fits
 from astropy.table import Column, MaskedColumn, Table
 
 from .. import SOFTWARE
 from .._atomic import atomic_writeto
 from ..errors import BadInputError, PhotrefError
+
+if TYPE_CHECKING:  # xarray (and pandas under it) costs ~0.35 s to import: only where it is used
+    import xarray as xr
 
 __all__ = [
     "HEADER_KEYS",

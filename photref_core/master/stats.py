@@ -42,9 +42,12 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
+
+if TYPE_CHECKING:  # xarray (and pandas under it) costs ~0.35 s to import: only where it is used
+    import xarray as xr
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
@@ -422,6 +425,8 @@ def _dataset(stats_mag: dict, stats_err: dict, params: RejectionParameters, sour
         if source_ids.shape != (nsources,):
             raise ValueError(f"source_ids must have shape ({nsources},), got {source_ids.shape}")
         coords["source_id"] = ("source", source_ids)
+    import xarray as xr
+
     return xr.Dataset(data_vars, coords=coords, attrs=params.as_attrs())
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 from astropy.table import Table
 
 from ..catalog import read_catalog
@@ -34,6 +34,9 @@ from .fitterms import FitTerms, parse_fit_terms
 from .parameters import MasterParameters, master_header
 from .scatter import fit_scatter
 from .stats import enough_flags, source_statistics, source_statistics_dask
+
+if TYPE_CHECKING:  # xarray (and pandas under it) costs ~0.35 s to import: only where it is used
+    import xarray as xr
 
 __all__ = [
     "build_master",
@@ -114,6 +117,8 @@ def compute_statistics(store, params: MasterParameters, block_bytes: int = 64 * 
             mag, mag_err = mag[ingested], mag_err[ingested]
         stats = source_statistics(mag, mag_err, params.rejection(), source_ids=source_ids)
     else:
+        import xarray as xr
+
         ds = xr.open_zarr(url, consolidated=False)
         stats = source_statistics_dask(
             ds["mag"].data[ingested, :n_src],
@@ -221,6 +226,8 @@ def scatter_fit_dataset(stats: xr.Dataset, catalog, params: MasterParameters) ->
         coefficients[p] = result.coefficients
         rms[p] = result.rms
         n_fits[p] = result.n_fits
+    import xarray as xr
+
     return xr.Dataset(
         {
             "enough": (("source", "photometry"), enough),

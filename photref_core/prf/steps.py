@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import zarr
 from astropy.io import fits
 from astropy.table import Table
 
@@ -20,7 +19,7 @@ from ..catalog import read_catalog
 from ..errors import BadInputError, StoreError
 from ..ingest.arrays import add_photometry
 from ..ingest.images import GROUP, ingested_frames, load_images, open_image_group
-from ..store.schema import open_store, store_exists
+from ..store.schema import open_group, open_store, store_exists
 from .model import PRFModel
 from .parameters import PRFParameters
 
@@ -77,7 +76,7 @@ def build_prf_model(store, catalog_path, params: PRFParameters, key: str) -> str
 
 def load_prf_model(store, model_group: str) -> PRFModel:
     """The shape model stored by :func:`build_prf_model`."""
-    group = zarr.open_group(os.fspath(store), path=model_group, mode="r")
+    group = open_group(store, path=model_group, mode="r")
     arrays = {k: np.asarray(a[...]) for k, a in group.arrays()}
     arrays.update({k: np.array(v) for k, v in group.attrs["scalars"].items()})
     return PRFModel.from_arrays(arrays)
@@ -86,7 +85,7 @@ def load_prf_model(store, model_group: str) -> PRFModel:
 def create_flux_arrays(store, model_group: str, key: str) -> str:
     """Create ``prf/fluxes-<key>`` at full size (frames x sources) before the fit fan-out."""
     group = open_image_group(store, "r+")
-    model = zarr.open_group(os.fspath(store), path=model_group, mode="r")
+    model = open_group(store, path=model_group, mode="r")
     source_ids = np.asarray(model["source_id"][...])
     n_frames, fpc = group["frame_state"].shape[0], group["flux"].chunks[0]
     name = f"fluxes-{key}"
@@ -125,7 +124,7 @@ def fit_frame_chunk(store, model_group: str, flux_group: str, slots: list[int]) 
     model = load_prf_model(store, model_group)
     cube, wcs = load_images(group, np.asarray(slots))
     result = model.fit(cube["flux"], cube["flux_err"], mask=cube["mask"], wcs=wcs)
-    out = zarr.open_group(os.fspath(store), path=flux_group, mode="r+")
+    out = open_group(store, path=flux_group, mode="r+")
     lo, hi = min(slots), max(slots) + 1
     block = {n: out[n][lo:hi] for n in ("flux", "flux_err", "flag")}
     rows = np.asarray(slots) - lo
@@ -142,7 +141,7 @@ def fit_frame_chunk(store, model_group: str, flux_group: str, slots: list[int]) 
 def flux_table(store, flux_group: str) -> Table:
     """Long-format fluxes of the ingested frames: one row per (frame, source), SPEC 6 output columns."""
     group = open_image_group(store)
-    out = zarr.open_group(os.fspath(store), path=flux_group, mode="r")
+    out = open_group(store, path=flux_group, mode="r")
     slots = ingested_frames(store)
     ids = np.asarray(out["source_id"][...])
     frame_ids = group["frame_id"][:]
@@ -187,7 +186,7 @@ def add_psf_photometry(store, flux_group: str, zero_point: float = 25.0, name: s
     if store_exists(url) and open_store(url).attrs.get("photometry_origin", {}).get(name) == flux_group:
         return {"photometry": open_store(url).attrs["photometry_names"].index(name), "unchanged": True}
     group = open_image_group(store)
-    out = zarr.open_group(url, path=flux_group, mode="r")
+    out = open_group(url, path=flux_group, mode="r")
     slots = ingested_frames(store)
     flux = out["flux"].get_orthogonal_selection((slots, slice(None)))
     err = out["flux_err"].get_orthogonal_selection((slots, slice(None)))
@@ -206,7 +205,7 @@ def add_psf_photometry(store, flux_group: str, zero_point: float = 25.0, name: s
         name,
         time=group["time"].get_orthogonal_selection((slots,)),
     )
-    root = zarr.open_group(url, mode="r+")
+    root = open_group(url, mode="r+")
     origin = dict(root.attrs.get("photometry_origin", {}))
     origin[name] = flux_group
     root.attrs["photometry_origin"] = origin

@@ -40,6 +40,7 @@ __all__ = [
     "plan_frames",
     "read_states",
     "record_results",
+    "retag_state_copy",
     "save_state_copy",
     "scan_files",
     "state_copy_is_current",
@@ -120,6 +121,15 @@ def read_states(group, other: Sequence[str]) -> tuple[np.ndarray, dict[str, np.n
         arrays = read_whole(group, ("frame_state", "frame_id", *other))
         states = arrays.pop("frame_state")
     return states, arrays
+
+
+def retag_state_copy(group, previous_version: str | None, version: str) -> None:
+    """Keep ``frame_state_copy`` current across a change that leaves the markers as they were (a photometry
+    added to the store changes its content version, not ``frame_state``): a copy that matched
+    ``previous_version`` is tagged with ``version``. Called after the new version is recorded, so a crash
+    in between leaves a copy that is not used, never a wrong one."""
+    if previous_version is not None and group.attrs.get(_STATE_COPY) == previous_version:
+        group.attrs[_STATE_COPY] = version
 
 
 def save_state_copy(group, state: np.ndarray, version: str) -> None:

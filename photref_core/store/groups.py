@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 import zarr
 import zarr.api.asynchronous
 from zarr.core.sync import sync
+
+from .consolidated import drop_consolidated
+from .schema import open_group, store_url
+
+if TYPE_CHECKING:  # xarray (and pandas under it) costs ~0.35 s to import: only where it is used
+    import xarray as xr
 
 __all__ = [
     "RESULTS_GROUP",
@@ -34,7 +40,8 @@ def write_group(store, name: str, ds: xr.Dataset) -> None:
     created with its attributes and all arrays written at once. Datasets holding dask arrays (the
     out-of-core statistics) or Python objects go through ``to_zarr`` itself.
     """
-    url = os.fspath(store)
+    url = store_url(store)
+    drop_consolidated(url)  # before anything changes (see photref_core.store.consolidated)
 
     def plain(var: xr.Variable) -> bool:
         if var.chunks is not None:
@@ -93,12 +100,14 @@ def write_group(store, name: str, ds: xr.Dataset) -> None:
 def load_group(store, name: str) -> xr.Dataset:
     """A result group of the store (statistics, fit), read into memory (without dask: the groups are
     small, one chunk per variable)."""
+    import xarray as xr
+
     return xr.open_zarr(os.fspath(store), group=name, consolidated=False, chunks=None).load()
 
 
 def prune_results(store, keep: set[str]) -> list[str]:
     """Delete result groups not named in ``keep`` (old parameter sets); returns the deleted names."""
-    group = zarr.open_group(os.fspath(store), mode="r+")
+    group = open_group(store, mode="r+")
     if RESULTS_GROUP not in group:
         return []
     results = group[RESULTS_GROUP]
@@ -114,7 +123,7 @@ def prune_results(store, keep: set[str]) -> list[str]:
 def group_exists(store, name: str) -> bool:
     """Whether a group (e.g. a cached step's result) is in the store."""
     try:
-        zarr.open_group(os.fspath(store), path=name, mode="r")
+        open_group(store, path=name, mode="r")
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
         return False
     return True

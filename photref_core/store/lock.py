@@ -10,11 +10,13 @@ import threading
 import time
 
 from ..errors import StoreError
+from .consolidated import ensure_consolidated
 from .schema import store_url
 
 __all__ = [
     "lock_path",
     "store_lock",
+    "store_run",
 ]
 
 
@@ -106,3 +108,24 @@ def store_lock(store, timeout: float | None = 0.0, poll: float = 0.2):
             handle.truncate()
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             handle.close()
+
+
+def _held(path: str | None) -> bool:
+    with _HELD_GUARD:
+        return path in _HELD
+
+
+@contextlib.contextmanager
+def store_run(store, timeout: float | None = 0.0):
+    """A flow run's hold on its store: the run lock (:func:`store_lock`), and, when the outermost run
+    ends well, consolidated metadata written again if the run changed the store (a writer removed it,
+    see :mod:`photref_core.store.consolidated`), so ``xr.open_zarr(store)`` is silent and current.
+
+    A run that fails or is killed writes none: the store then has none rather than a stale copy.
+    """
+    url = store_url(store)
+    path = lock_path(url)
+    with store_lock(url, timeout=timeout):
+        yield
+    if not _held(path):  # the outermost run of this process (a subflow's exit leaves it to its parent)
+        ensure_consolidated(url)

@@ -50,9 +50,9 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 import zarr
 import zarr.api.asynchronous
 from zarr.codecs import BloscCodec
@@ -60,6 +60,10 @@ from zarr.core.sync import sync
 
 from ..errors import StoreError
 from ..keys import hash_arrays
+from .consolidated import drop_consolidated
+
+if TYPE_CHECKING:  # xarray (and pandas under it) costs ~0.35 s to import: only where it is used
+    import xarray as xr
 
 __all__ = [
     "DATA_DIMS",
@@ -78,6 +82,7 @@ __all__ = [
     "create_store",
     "frames_per_chunk_for",
     "open_dataset",
+    "open_group",
     "open_store",
     "read_whole",
     "source_axis_chunking",
@@ -112,6 +117,28 @@ def store_url(store) -> str:
     return text if "://" in text else os.path.abspath(text)
 
 
+def open_group(store, path: str | None = None, mode: str = "r") -> zarr.Group:
+    """Open a group of a store the way every photref reader and writer does.
+
+    Never from consolidated metadata (:mod:`photref_core.store.consolidated`: photref reads what is on
+    disk), and in a writing mode the store's consolidated metadata is removed first, so it never outlives
+    a change.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        The store (directory or fsspec URL).
+    path : str, optional
+        The group inside it (default: the root).
+    mode : {'r', 'r+', 'a', 'w'}
+        As :func:`zarr.open_group`.
+    """
+    url = store_url(store)
+    if mode != "r":
+        drop_consolidated(url)
+    return zarr.open_group(url, path=path, mode=mode, use_consolidated=False)
+
+
 def open_store(store, mode: str = "r") -> zarr.Group:
     """Open an existing photref store and check its schema version.
 
@@ -129,7 +156,7 @@ def open_store(store, mode: str = "r") -> zarr.Group:
     """
     url = store_url(store)
     try:
-        group = zarr.open_group(url, mode=mode)
+        group = open_group(url, mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"{url}: no photref store here ({exc})") from exc
     version = group.attrs.get("photref_schema")
@@ -144,7 +171,7 @@ def open_store(store, mode: str = "r") -> zarr.Group:
 def store_exists(store) -> bool:
     """Whether a photref store (of any schema version) exists at ``store``."""
     try:
-        group = zarr.open_group(store_url(store), mode="r")
+        group = open_group(store, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return False
     return "photref_schema" in group.attrs
@@ -157,6 +184,8 @@ def open_dataset(store) -> xr.Dataset:
     ``ds.frame_state == 1`` for the ingested ones.
     """
     n_frames, n_sources = committed_sizes(open_store(store))  # also checks the schema
+    import xarray as xr
+
     ds = xr.open_zarr(store_url(store), consolidated=False)
     return ds.isel(frame=slice(0, n_frames), source=slice(0, n_sources))
 
@@ -238,7 +267,7 @@ def frames_per_chunk_for(n_sources: int, n_photometries: int, itemsize: int) -> 
 
 
 def create_store(url, n_phot, dtype, frames_per_chunk) -> zarr.Group:
-    group = zarr.open_group(url, mode="a")
+    group = open_group(url, mode="a")
     if "photref_schema" in group.attrs:
         return group
     if set(group.keys()) - {"prf", "results"} or group.attrs.asdict():

@@ -200,6 +200,11 @@ def test_add_photometry_to_an_existing_store(small_field, tmp_path):
     }
     group = open_store(store)
     assert group["mag"].shape[2] == 4 and group.attrs["content_version"] != version
+    # The markers did not change, so their one-chunk copy stays current (readers keep the fast path).
+    from photref_core.store.frames import frame_states, state_copy_is_current
+
+    assert state_copy_is_current(group)
+    np.testing.assert_array_equal(frame_states(group), group["frame_state"][:])
     np.testing.assert_array_equal(group["mag"][:5, :10, 3], values[:5, :10])
     assert np.isnan(group["mag"][5:, :, 3]).all() and np.isnan(group["mag"][:5, 10:, 3]).all()
     before = group["mag"][:5, :, :3]

@@ -1,0 +1,239 @@
+"""A persistent local Prefect server for photref: ``photref server start|stop|status``.
+
+Without a server, every ``photref`` command starts Prefect's temporary server and stops it at exit, 5-8 s
+of a run that may have nothing to do. ``photref server start`` runs ``prefect server start --background``
+on 127.0.0.1 for this ``PREFECT_HOME`` (one server per home) and records its address in
+``$PREFECT_HOME/photref-server.json``; every later photref command with the same home finds it there,
+checks that it answers, and uses it (one line on stderr says so). When none answers, the command falls back
+to the temporary server with a one-line hint.
+
+This module imports nothing of Prefect: it runs before Prefect reads its settings (``PREFECT_API_URL``
+must be in the environment by then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_PORT",
+    "connect_to_server",
+    "prefect_home",
+    "running_server",
+    "server_answers",
+    "start_server",
+    "stop_server",
+]
+
+DEFAULT_PORT = 4200
+_STATE_FILE = "photref-server.json"
+_PID_FILE = "server.pid"  # Prefect's own record of its background server
+
+
+def prefect_home() -> Path:
+    """The Prefect home in use (``PREFECT_HOME``, else Prefect's default ``~/.prefect``)."""
+    return Path(os.path.expanduser(os.environ.get("PREFECT_HOME", "~/.prefect"))).resolve()
+
+
+def _state_path() -> Path:
+    return prefect_home() / _STATE_FILE
+
+
+def server_answers(api_url: str, timeout: float = 1.0) -> bool:
+    """Whether a Prefect API answers its health check at ``api_url`` (``http://host:port/api``)."""
+    try:
+        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def running_server() -> str | None:
+    """The API URL of the photref server of this Prefect home, when it answers; else None."""
+    try:
+        state = json.loads(_state_path().read_text())
+    except (OSError, ValueError):
+        return None
+    url = state.get("api_url")
+    return url if url and server_answers(url, timeout=0.5) else None
+
+
+def _profile_sets_api_url() -> bool:
+    """Whether the Prefect profile of this home names an API (then Prefect uses it, not a temporary one)."""
+    with contextlib.suppress(OSError):
+        return "PREFECT_API_URL" in (prefect_home() / "profiles.toml").read_text()
+    return False
+
+
+def connect_to_server(stream=sys.stderr) -> str | None:
+    """Point this process at a running Prefect server before Prefect starts, and say which one.
+
+    ``PREFECT_API_URL`` (environment or profile) wins; else the server of ``photref server start`` for
+    this home; else Prefect's temporary server, with a hint. Returns the API URL, None for the temporary
+    server.
+    """
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        print(f"photref: Prefect server {url} (PREFECT_API_URL)", file=stream)
+        return url
+    if _profile_sets_api_url():
+        print("photref: the Prefect server of the profile (PREFECT_API_URL in profiles.toml)", file=stream)
+        return None
+    url = running_server()
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+        ui = url.removesuffix("/api")
+        print(f"photref: Prefect server {ui} (`photref server stop` ends it)", file=stream)
+        return url
+    print(
+        "photref: no Prefect server running; using a temporary one (about 5 s more a command; "
+        "`photref server start` keeps one)",
+        file=stream,
+    )
+    return None
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _prefect_command() -> list[str]:
+    """The ``prefect`` CLI of this environment (beside this Python, else on PATH)."""
+    beside = Path(sys.executable).with_name("prefect")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("prefect")
+    if found is None:
+        raise RuntimeError("the prefect command is not installed in this environment")
+    return [found]
+
+
+def _server_pid() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int((prefect_home() / _PID_FILE).read_text().strip())
+    return None
+
+
+def start_server(host: str = "127.0.0.1", port: int | None = None, timeout: float = 90.0) -> str:
+    """Start the photref Prefect server of this home in the background (or find it running).
+
+    Parameters
+    ----------
+    host : str
+        Address to listen on (127.0.0.1: this machine only).
+    port : int, optional
+        Port; default 4200, or a free one when 4200 is taken.
+    timeout : float
+        Seconds to wait for the server to answer.
+
+    Returns
+    -------
+    str
+        The API URL (``http://host:port/api``).
+    """
+    url = running_server()
+    if url:
+        return url
+    pid = _server_pid()
+    if pid is not None and not _alive(pid):  # a server that died: Prefect would refuse to start another
+        (prefect_home() / _PID_FILE).unlink(missing_ok=True)
+    elif pid is not None:
+        raise RuntimeError(
+            f"a Prefect server (pid {pid}) runs in the background for {prefect_home()} but does not answer "
+            "on its recorded address; stop it with `photref server stop`"
+        )
+    if port is None:
+        port = DEFAULT_PORT if _port_free(host, DEFAULT_PORT) else _free_port(host)
+    elif not _port_free(host, port):
+        raise RuntimeError(f"port {port} on {host} is in use; choose another with --port")
+    prefect_home().mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(prefect_home())}
+    env.pop("PREFECT_API_URL", None)
+    command = [*_prefect_command(), "server", "start", "--background", "--host", host, "--port", str(port)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"prefect server start failed: {(done.stderr or done.stdout).strip()}")
+    url = f"http://{host}:{port}/api"
+    deadline = time.monotonic() + timeout
+    while not server_answers(url):
+        if time.monotonic() > deadline:
+            stop_server()
+            raise RuntimeError(f"the Prefect server did not answer at {url} within {timeout:.0f} s")
+        time.sleep(0.25)
+    _state_path().write_text(json.dumps({"api_url": url, "pid": _server_pid(), "home": str(prefect_home())}))
+    return url
+
+
+def stop_server() -> bool:
+    """Stop the photref Prefect server of this home. Returns whether one was running."""
+    pid = _server_pid()
+    _state_path().unlink(missing_ok=True)
+    if pid is None:
+        return False
+    env = os.environ | {"PREFECT_HOME": str(prefect_home())}
+    subprocess.run([*_prefect_command(), "server", "stop"], env=env, capture_output=True, check=False)
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return True
+
+
+def _cmd_server(args) -> int:
+    home = prefect_home()
+    if args.action == "start":
+        try:
+            url = start_server(args.host, args.port)
+        except RuntimeError as exc:
+            print(f"photref: error: {exc}", file=sys.stderr)
+            return 1
+        ui = url.removesuffix("/api")
+        print(f"Prefect server running at {ui} (UI and API) for PREFECT_HOME={home}")
+        print(f"photref commands with this PREFECT_HOME use it; elsewhere: export PREFECT_API_URL={url}")
+        return 0
+    if args.action == "stop":
+        print("Prefect server stopped" if stop_server() else f"no photref Prefect server running for {home}")
+        return 0
+    url = running_server()
+    print(f"running at {url.removesuffix('/api')} (PREFECT_HOME={home})" if url else f"not running ({home})")
+    return 0 if url else 3
+
+
+def add_subcommand(sub) -> None:
+    """Add ``photref server start|stop|status`` to the ``photref`` parser."""
+    p = sub.add_parser("server", help="a persistent local Prefect server that photref commands use")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help=f"default {DEFAULT_PORT}, or a free one")
+    p.set_defaults(func=_cmd_server, needs_prefect=False)
