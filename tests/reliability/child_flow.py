@@ -70,8 +70,6 @@ class Hooks:
     def install(self) -> None:
         import zarr
 
-        import flows.ingest
-        import flows.master_photref
         from photref_core.store import lock as core_lock
 
         hooks, pause = self, self.spec.get("pause") or {}
