@@ -131,6 +131,7 @@ def _cmd_prf(args) -> int:
         "prior_mu",
         "prior_sigma",
         "fit_background",
+        "refine_iterations",
         "strict",
         "as_photometry",
         "zero_point",
@@ -246,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-mu", type=float, default=None)
     p.add_argument("--prior-sigma", type=float, default=None)
     p.add_argument("--fit-background", action="store_true")
+    p.add_argument(
+        "--refine-iterations",
+        type=int,
+        default=PRF_DEFAULTS["refine_iterations"],
+        help="most iterations of the joint all-pixel shape refinement (0: off)",
+    )
     p.add_argument("--strict", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(

@@ -58,6 +58,7 @@ def solve_prf(
     prior_mu: float | None = PRF_DEFAULTS["prior_mu"],
     prior_sigma: float | None = PRF_DEFAULTS["prior_sigma"],
     fit_background: bool = PRF_DEFAULTS["fit_background"],
+    refine_iterations: int = PRF_DEFAULTS["refine_iterations"],
     strict: bool = False,
     frames_per_chunk: int = 8,
     plot: bool = True,
@@ -81,6 +82,8 @@ def solve_prf(
     sources_flux_column, n_r_knots, n_phi_knots, rmin, rmax, cut_r, sparse_dist_lim, time_mask,
     flux_cut_off, frame_index, bin_data, prior_mu, prior_sigma, fit_background
         The PRF parameters (psfmachine / RomanCuts ``Machine`` names; radii in arcsec).
+    refine_iterations : int
+        Most iterations of the joint all-pixel refinement of the shape model (0: off).
     strict : bool
         Fail on a bad image instead of quarantining it.
     frames_per_chunk : int
@@ -119,6 +122,7 @@ def solve_prf(
         prior_mu=prior_mu,
         prior_sigma=prior_sigma,
         fit_background=fit_background,
+        refine_iterations=refine_iterations,
     )
     with store_run(store, timeout=lock_timeout):
         plan = plan_image_ingestion(store, expand_frame_paths(images), strict, frames_per_chunk)

@@ -68,6 +68,7 @@ from ..errors import BadInputError
 from ..ingest.readers import default_error
 from .geometry import Geometry, build_geometry
 from .parameters import PRFParameters
+from .refine import JointPixels, refine_shape
 from .shape import GN_STEPS, ShapeModel, empirical_profile, fit_shape_weights, model_matrix, model_values
 from .solver import FLAG_LOW_COVERAGE, FLAG_SOLVE_FAILED, FitResult, SolvePlan, same_pattern
 
@@ -460,9 +461,10 @@ class PRFModel:
             last = it == p.shape_iterations - 1
             keep = fit_shape_weights(sm, r, phi, q, sq, src, w_prior, p, gn_steps=GN_STEPS if last else 0)
             sm.normalise()
-            for ent in self._cache.values():  # geometry and plan structure stay; model values change
-                ent.pop("model", None)
+            self._drop_models()
             # Fluxes on the reference image with this shape (prior-free): next shape fit's F, and the prior.
+            if last and p.refine_iterations:
+                self._refine_shape(epochs, geoms, w_prior)
             mu_fit, err_fit = self._solve_reference(epochs[0])
             ok = np.isfinite(mu_fit) & (mu_fit > 0)
             if ok.any():
@@ -504,8 +506,27 @@ class PRFModel:
         self.diagnostics["reference_flux"] = mu_fit
         self.diagnostics["reference_flux_err"] = err_fit
 
-    def _solve_reference(self, epoch):
-        """Prior-free fit of the reference image (the mean frame)."""
+    def _drop_models(self):
+        """Forget the model matrices after a change of the shape (geometry and plan structure stay)."""
+        for ent in self._cache.values():
+            ent.pop("model", None)
+
+    def _refine_shape(self, epochs, geoms, w_prior):
+        """The joint all-pixel refinement of the shape on the reference image(s) (:mod:`.refine`)."""
+        problems = [JointPixels(self.shape, g, e) for e, g in zip(epochs, geoms, strict=True)]
+
+        def amplitudes():
+            return [self._solve_reference(e, raw=True)[0] for e in epochs]
+
+        self.diagnostics.update(
+            refine_shape(
+                self.shape, problems, amplitudes, w_prior, self.params, on_shape_change=self._drop_models
+            )
+        )
+
+    def _solve_reference(self, epoch, raw=False):
+        """Prior-free fit of a reference image (the mean frame): fluxes and errors (NaN where flagged;
+        ``raw``: the solution of every source, flagged or not, and no errors)."""
         plan = self._plan(epoch["wcs"])
         img = epoch["flux"].ravel()[None, :]
         err = epoch["err"].ravel()[None, :]
@@ -513,6 +534,8 @@ class PRFModel:
         res = self._solve_batch(
             plan, img, err, bad, np.zeros(self.nsources), np.zeros(self.nsources), self.params.fit_background
         )
+        if raw:
+            return res[6][0], None
         return res[0][0], res[1][0]
 
     # -- fit --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ __all__ = [
     "model_matrix",
     "model_values",
     "row_block",
+    "shape_prior",
 ]
 
 
@@ -183,16 +184,39 @@ class ShapeModel:
         -------
         float
         """
-        n_phi = 16 * self.n_phi_knots if n_phi is None else n_phi
-        x, wx = np.polynomial.legendre.leggauss(n_gauss)
-        a, b = self.breakpoints[:-1], self.breakpoints[1:]
-        r = ((b - a)[:, None] * (x[None, :] + 1) / 2 + a[:, None]).ravel()
-        wr = ((b - a)[:, None] / 2 * wx[None, :]).ravel()
-        phi = np.arange(n_phi) * (2 * np.pi / n_phi)
-        rr, pp = np.meshgrid(r, phi, indexing="ij")
-        s = (self.design(rr.ravel(), pp.ravel()) @ self.weights).reshape(rr.shape)
-        self.norm = float(np.sum(10.0**s * (wr * r)[:, None]) * (2 * np.pi / n_phi))
+        design, area = self._disc_quadrature(n_gauss, n_phi)
+        self.norm = float(area @ 10.0 ** (design @ self.weights))
         return self.norm
+
+    def norm_gradient(self, n_gauss=8, n_phi=None):
+        """``d norm / d weights`` (the quadrature of :meth:`normalise`, differentiated).
+
+        Parameters
+        ----------
+        n_gauss, n_phi : int
+
+        Returns
+        -------
+        numpy.ndarray
+            (nbasis,)
+        """
+        design, area = self._disc_quadrature(n_gauss, n_phi)
+        return np.log(10.0) * (design.T @ (area * 10.0 ** (design @ self.weights)))
+
+    def _disc_quadrature(self, n_gauss, n_phi):
+        """Design matrix and area weights (r dr dphi) of the disc quadrature nodes; cached per knot set."""
+        n_phi = 16 * self.n_phi_knots if n_phi is None else n_phi
+        key = (n_gauss, n_phi)
+        if getattr(self, "_quadrature", (None,))[0] != key:
+            x, wx = np.polynomial.legendre.leggauss(n_gauss)
+            a, b = self.breakpoints[:-1], self.breakpoints[1:]
+            r = ((b - a)[:, None] * (x[None, :] + 1) / 2 + a[:, None]).ravel()
+            wr = ((b - a)[:, None] / 2 * wx[None, :]).ravel()
+            phi = np.arange(n_phi) * (2 * np.pi / n_phi)
+            rr, pp = np.meshgrid(r, phi, indexing="ij")
+            area = np.broadcast_to((wr * r)[:, None] * (2 * np.pi / n_phi), rr.shape).ravel()
+            self._quadrature = (key, self.design(rr.ravel(), pp.ravel()), np.ascontiguousarray(area))
+        return self._quadrature[1], self._quadrature[2]
 
     def encircled_energy(self, radius, n_gauss=8):
         """Fraction of the model flux (inside ``rmax``) within ``radius`` arcsec.
@@ -340,13 +364,7 @@ def fit_shape_weights(sm: ShapeModel, r, phi, q, sq, src, w_prior, p, gn_steps=G
     valid = np.isfinite(q) & np.isfinite(sq) & (sq > 0)
     ln10 = np.log(10.0)
     A = _Blocks(sm, r, phi)
-    # Prior precision: independent Gaussians on every weight (about the empirical profile) plus a
-    # smoothness term on the differences of neighbouring angular weights of each radial function.
-    prior_prec = np.diag(np.full(sm.nbasis, 1.0 / p.shape_prior_sigma**2))
-    if p.shape_phi_smooth is not None:
-        Dm = _phi_difference_operator(sm)
-        prior_prec += (Dm.T @ Dm).toarray() / p.shape_phi_smooth**2
-    prior_rhs = prior_prec @ w_prior
+    prior_prec, prior_rhs = shape_prior(sm, w_prior, p)
     nb = p.n_bins
     if nb:
         rb = np.minimum((np.sqrt(np.asarray(r) / sm.rmax) * nb).astype(np.int64), nb - 1)
@@ -416,6 +434,31 @@ def fit_shape_weights(sm: ShapeModel, r, phi, q, sq, src, w_prior, p, gn_steps=G
         w, c = solve(y, ivar, keep, c)
     sm.weights = w
     return keep
+
+
+def shape_prior(sm: ShapeModel, w_prior, p):
+    """The Gaussian prior on the shape weights: its precision matrix and ``precision @ w_prior``.
+
+    Independent Gaussians of width ``p.shape_prior_sigma`` dex on every weight about ``w_prior`` (the
+    empirical profile), plus a smoothness term of width ``p.shape_phi_smooth`` dex on the differences of
+    neighbouring angular weights of each radial function.
+
+    Parameters
+    ----------
+    sm : ShapeModel
+    w_prior : numpy.ndarray
+    p : PRFParameters
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(nbasis, nbasis)`` precision and ``(nbasis,)`` right-hand side.
+    """
+    prior_prec = np.diag(np.full(sm.nbasis, 1.0 / p.shape_prior_sigma**2))
+    if p.shape_phi_smooth is not None:
+        Dm = _phi_difference_operator(sm)
+        prior_prec += (Dm.T @ Dm).toarray() / p.shape_phi_smooth**2
+    return prior_prec, prior_prec @ w_prior
 
 
 def _phi_difference_operator(sm: ShapeModel) -> sparse.csr_array:

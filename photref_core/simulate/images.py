@@ -58,11 +58,13 @@ def prf_density(
     wing_fraction=0.03,
     wing_fwhm=12.5,
     wing_beta=2.5,
+    wing_offset=(0.0, 0.0),
 ):
     """True PRF surface density (per unit pixel area) at pixel offsets from the source centre.
 
     The profile is ``(1 - wing_fraction)`` x an elliptical Moffat plus ``wing_fraction`` x a circular,
-    much wider Moffat; it integrates to 1 over the plane.
+    much wider Moffat centred ``wing_offset`` from the core (an offset wing makes the PRF asymmetric, as
+    coma or a tilted detector does); it integrates to 1 over the plane.
 
     Parameters
     ----------
@@ -82,6 +84,8 @@ def prf_density(
         FWHM of the circular wing, in pixels.
     wing_beta : float
         Moffat index of the wing (> 1).
+    wing_offset : tuple of float
+        Centre of the wing relative to the core, (dx, dy) in pixels.
 
     Returns
     -------
@@ -98,7 +102,8 @@ def prf_density(
     v = -dx * np.sin(th) + dy * np.cos(th)
     core = (beta - 1.0) / (np.pi * ax * ay) * (1.0 + (u / ax) ** 2 + (v / ay) ** 2) ** (-beta)
     aw = _moffat_alpha(wing_fwhm, wing_beta)
-    wing = (wing_beta - 1.0) / (np.pi * aw * aw) * (1.0 + (dx * dx + dy * dy) / aw**2) ** (-wing_beta)
+    wx, wy = dx - wing_offset[0], dy - wing_offset[1]
+    wing = (wing_beta - 1.0) / (np.pi * aw * aw) * (1.0 + (wx * wx + wy * wy) / aw**2) ** (-wing_beta)
     return (1.0 - wing_fraction) * core + wing_fraction * wing
 
 
@@ -295,6 +300,7 @@ def simulate_images(
     wing_fraction=0.03,
     wing_fwhm=None,
     wing_beta=2.5,
+    wing_offset=(0.0, 0.0),
     flux_range=(2e3, 2e5),
     n_pairs=3,
     n_variables=3,
@@ -332,6 +338,8 @@ def simulate_images(
         Elliptical Moffat core (FWHM in pixels, position angle in degrees from +x).
     wing_fraction, wing_fwhm, wing_beta : float
         Faint wide circular Moffat wing (flux fraction, FWHM in pixels -- default 5 x ``fwhm`` --, index).
+    wing_offset : tuple of float
+        Offset of the wing's centre from the core's, (dx, dy) in pixels (an asymmetric PRF).
     flux_range : tuple of float
         Min and max mean flux (data units), drawn log-uniform.
     n_pairs : int
@@ -386,6 +394,7 @@ def simulate_images(
         wing_fraction=wing_fraction,
         wing_fwhm=wing_fwhm,
         wing_beta=wing_beta,
+        wing_offset=(float(wing_offset[0]), float(wing_offset[1])),
     )
     margin = 2.0 * fwhm if margin is None else margin
 
@@ -475,6 +484,8 @@ def simulate_images(
             "WINGFRAC": wing_fraction,
             "WINGFWHM": wing_fwhm,
             "WINGBETA": wing_beta,
+            "WINGDX": prf["wing_offset"][0],
+            "WINGDY": prf["wing_offset"][1],
             "GAIN": gain,
             "RDNOISE": rdnoise,
             "SKY": sky,
