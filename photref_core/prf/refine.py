@@ -41,7 +41,7 @@ from scipy.sparse.linalg import splu
 from threadpoolctl import threadpool_limits
 
 from .geometry import Geometry
-from .shape import ShapeModel, row_block, shape_prior
+from .shape import ShapeModel, row_block, shape_prior, slot_log_values
 
 __all__ = ["JointPixels", "refine_shape"]
 
@@ -84,38 +84,31 @@ class JointPixels:
         self.rc, self.rv = rc.astype(np.int16), rv
         self.pc, self.pv = pc.astype(np.int16), pv
         self.n_cut, self.n_phi, self.nbasis = sm.n_cut, sm.n_phi_knots, sm.nbasis
-        # Cells: pairs whose 4 radial and 4 angular slots start at the same knot intervals share all 16
-        # basis columns (scipy's layout; checked), so sums over pairs are small dense products per cell.
-        cell = rc[:, 0] * self.n_phi + pc[:, 0]
-        self.cell_pairs = np.argsort(cell, kind="stable")
-        cs = cell[self.cell_pairs]
-        starts = (
-            np.flatnonzero(np.concatenate([[True], cs[1:] != cs[:-1]])) if cs.size else np.zeros(0, np.int64)
+        self.shape = sm
+        # Cells: pairs with the same 16 basis columns (4 radial x 4 angular slots; phi-free functions
+        # repeat their column). A pair's columns are its cell's, and sums over pairs are small dense
+        # products per cell.
+        key = np.zeros(rc.shape[0], np.int64)  # the 8 slot columns as one integer
+        for c, base in ((rc, sm.n_radial), (pc, self.n_phi)):
+            for j in range(4):
+                key = key * base + c[:, j]
+        _, first, cell_id = np.unique(key, return_index=True, return_inverse=True)
+        rc0, pc0 = rc[first].astype(np.int64), pc[first].astype(np.int64)
+        cols = self.n_cut + (rc0[:, :, None] - self.n_cut) * self.n_phi + pc0[:, None, :]
+        self.cell_cols = np.where((rc0 < self.n_cut)[:, :, None], rc0[:, :, None], cols).reshape(-1, 16)
+        self.cell_id = cell_id.ravel().astype(np.int32)
+        self.cell_pairs = np.argsort(self.cell_id, kind="stable")
+        self.cell_bounds = np.searchsorted(
+            self.cell_id[self.cell_pairs], np.arange(self.cell_cols.shape[0] + 1)
         )
-        self.cell_bounds = np.concatenate([starts, [cs.size]]).astype(np.int64)
-        cols_all, _ = self._slots(0, self.npairs)
-        self.cell_cols = cols_all[self.cell_pairs[starts]]
-        cell_of = np.repeat(np.arange(starts.size), np.diff(self.cell_bounds))
-        if not np.array_equal(cols_all[self.cell_pairs], self.cell_cols[cell_of]):
-            # Not scipy's usual layout: one cell per distinct column set.
-            _, inv = np.unique(cols_all, axis=0, return_inverse=True)
-            self.cell_pairs = np.argsort(inv.ravel(), kind="stable")
-            ci = inv.ravel()[self.cell_pairs]
-            starts = np.flatnonzero(np.concatenate([[True], ci[1:] != ci[:-1]]))
-            self.cell_bounds = np.concatenate([starts, [ci.size]]).astype(np.int64)
-            self.cell_cols = cols_all[self.cell_pairs[starts]]
         self.data = np.asarray(epoch["flux"], dtype=float).ravel()[self.pixels]
         err = np.asarray(epoch["err"], dtype=float).ravel()[self.pixels]
         self.ivar = 1.0 / err**2
 
     def _slots(self, a, b):
         """Columns and values of the 16 basis products of pairs ``a:b`` (phi-free functions repeated)."""
-        rc, pc = self.rc[a:b].astype(np.int64), self.pc[a:b].astype(np.int64)
-        free = rc < self.n_cut
-        cols = self.n_cut + (rc[:, :, None] - self.n_cut) * self.n_phi + pc[:, None, :]
-        cols = np.where(free[:, :, None], rc[:, :, None], cols).reshape(-1, 16)
         vals = (self.rv[a:b, :, None] * self.pv[a:b, None, :]).reshape(-1, 16)
-        return cols, vals
+        return self.cell_cols[self.cell_id[a:b]], vals
 
     def _blocks(self, block_pairs):
         """Pair ranges ``(a, b, first pixel, last pixel + 1)`` of whole pixels, about ``block_pairs`` each."""
@@ -129,11 +122,9 @@ class JointPixels:
 
     def pair_prf(self, w, block_pairs=500_000):
         """Each pair's unnormalised PRF value ``A_i 10**S_w(r_ip, phi_ip)`` (the model per unit amplitude)."""
-        out = np.empty(self.npairs)
-        for a, b, _, _ in self._blocks(block_pairs):
-            cols, vals = self._slots(a, b)
-            out[a:b] = self.area[a:b] * 10.0 ** np.sum(vals * w[cols], axis=1)
-        return out
+        table = self.shape.weight_table(w)
+        s = slot_log_values(table, self.rc, self.rv, self.pc, self.pv, chunk=block_pairs)
+        return self.area * 10.0**s
 
     def pixel_model(self, pair_prf, amp):
         """Per-pixel model ``sum_i amp_i pair_prf_ip``: every source's light."""
@@ -277,7 +268,8 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
     -------
     dict
         ``refine_iterations`` (done), ``refine_converged``, ``refine_chi2`` (chi^2 per pixel of the
-        reference image(s) before each iteration and at the end), ``refine_max_dw`` (per iteration, dex),
+        reference image(s) before each iteration and at the end, with the amplitudes of the joint
+        steps), ``refine_max_dw`` (per iteration, dex),
         ``refine_halvings`` (per iteration) and ``refine_objective_drop`` (per iteration: how much the
         step lowered the robustly weighted chi^2 plus prior, never negative unless no step helped).
     """
@@ -294,15 +286,20 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
     converged = False
     done = 0
     ns = int(max((q.src.max(initial=-1) for q in problems), default=-1)) + 1
-    if sum(q.npix for q in problems) == 0 or ns == 0:
+
+    def diagnostics():
         return {
-            "refine_iterations": 0,
-            "refine_converged": False,
-            "refine_chi2": [],
-            "refine_max_dw": [],
-            "refine_halvings": [],
-            "refine_objective_drop": [],
+            "refine_iterations": done,
+            "refine_converged": converged,
+            "refine_chi2": chi2,
+            "refine_max_dw": max_dw,
+            "refine_halvings": halvings,
+            "refine_objective_drop": objective_drop,
+            "refine_newton": newton_used,
         }
+
+    if sum(q.npix for q in problems) == 0 or ns == 0:
+        return diagnostics()
 
     def amplitudes():
         out = []
@@ -325,10 +322,13 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
         return float(np.mean(np.concatenate([r * r * q.ivar for q, r in zip(problems, resid, strict=True)])))
 
     with threadpool_limits(limits=1, user_api="blas"):
+        # The flux solve runs once; then the amplitudes follow the joint steps (they multiply the
+        # unnormalised PRF, so renormalising the shape leaves them valid). On a crowded field the flux
+        # solve is one dense system of every source: one solve, not one an iteration.
+        amps = amplitudes()
+        prfs, resid = residuals(w, amps)
         for it in range(1, int(p.refine_iterations) + 1):
             done = it
-            amps = amplitudes()
-            prfs, resid = residuals(w, amps)
             z = np.concatenate([r * np.sqrt(q.ivar) for q, r in zip(problems, resid, strict=True)])
             chi2.append(float(np.mean(z * z)))
             scale = max(1.0, 1.4826 * float(np.median(np.abs(z - np.median(z)))))
@@ -359,7 +359,7 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
             n_half = 0
             while True:
                 trial_amps = [a + pr.amplitude_step(dw) for a, pr in zip(amps, profiled, strict=True)]
-                _, trial = residuals(w + dw, trial_amps)
+                trial_prfs, trial = residuals(w + dw, trial_amps)
                 phi1 = objective(w + dw, trial, uw)
                 if phi1 <= phi0 or n_half >= _MAX_HALVINGS:
                     break
@@ -373,6 +373,7 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
                 break
             objective_drop.append(phi0 - phi1)
             w = w + dw
+            amps, prfs, resid = trial_amps, trial_prfs, trial
             sm.weights = w
             sm.normalise()
             if on_shape_change is not None:
@@ -381,14 +382,5 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
             if max_dw[-1] < p.refine_tol:
                 converged = True
                 break
-        _, resid = residuals(w, amplitudes())
         chi2.append(chi2_per_pixel(resid))
-    return {
-        "refine_iterations": done,
-        "refine_converged": converged,
-        "refine_chi2": chi2,
-        "refine_max_dw": max_dw,
-        "refine_halvings": halvings,
-        "refine_objective_drop": objective_drop,
-        "refine_newton": newton_used,
-    }
+    return diagnostics()

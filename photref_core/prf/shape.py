@@ -23,6 +23,7 @@ __all__ = [
     "model_values",
     "row_block",
     "shape_prior",
+    "slot_log_values",
 ]
 
 
@@ -135,6 +136,43 @@ class ShapeModel:
         m.has_canonical_format = False  # no duplicates, but columns may wrap in phi: not sorted
         m.sort_indices()
         return m
+
+    def slots(self, r, phi):
+        """The 4 radial and 4 angular B-spline slots of every point: ``(rc, rv, pc, pv)``, each (n, 4)
+        (columns and values; :func:`slot_log_values` evaluates ``S`` from them without a design matrix).
+
+        Parameters
+        ----------
+        r, phi : array_like
+            Radius (arcsec, ``<= rmax``) and angle (rad).
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+        """
+        r = np.asarray(r, dtype=float).ravel()
+        rc, rv = row_block(self.radial_design(r), r.size)
+        pc, pv = row_block(self.angular_design(np.asarray(phi, dtype=float).ravel()), r.size)
+        return rc, rv, pc, pv
+
+    def weight_table(self, weights=None):
+        """The weights as an (``n_radial``, ``n_phi_knots``) table: row ``j`` holds radial function ``j``'s
+        angular weights (a phi-free function's one weight repeated: the angular functions sum to 1).
+
+        Parameters
+        ----------
+        weights : numpy.ndarray, optional
+            Default: ``self.weights``.
+
+        Returns
+        -------
+        numpy.ndarray
+        """
+        w = self.weights if weights is None else np.asarray(weights, dtype=float)
+        table = np.empty((self.n_radial, self.n_phi_knots))
+        table[: self.n_cut] = w[: self.n_cut, None]
+        table[self.n_cut :] = w[self.n_cut :].reshape(-1, self.n_phi_knots)
+        return table
 
     # -- values ---------------------------------------------------------------------------------------
     def log_value(self, r, phi):
@@ -268,12 +306,39 @@ def row_block(m, n: int):
     return C, V
 
 
+def slot_log_values(table, rc, rv, pc, pv, chunk=1_000_000):
+    """``S`` at points given by their B-spline slots (:meth:`ShapeModel.slots`) and the weight table
+    (:meth:`ShapeModel.weight_table`): ``sum_a sum_b rv_a pv_b table[rc_a, pc_b]``, in bounded chunks.
+
+    Parameters
+    ----------
+    table : numpy.ndarray
+        (n_radial, n_phi_knots).
+    rc, rv, pc, pv : numpy.ndarray
+        (n, 4) each.
+    chunk : int
+        Points per chunk.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n,)
+    """
+    n = rv.shape[0]
+    out = np.empty(n)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        t = table[rc[a:b, :, None], pc[a:b, None, :]]  # (m, 4, 4)
+        out[a:b] = np.einsum("ma,mb,mab->m", rv[a:b], pv[a:b], t)
+    return out
+
+
 def model_values(sm: ShapeModel, g: Geometry):
     """Normalised PRF (fraction of the source flux inside rmax) at every geometry pair; 0 beyond rmax."""
     out = np.zeros(g.r.size)
     inside = g.r <= sm.rmax
     if inside.any():
-        s = sm.design(g.r[inside], g.phi[inside]) @ sm.weights
+        s = slot_log_values(sm.weight_table(), *sm.slots(g.r[inside], g.phi[inside]))
         out[inside] = 10.0**s / sm.norm * g.area[g.src[inside]]
     return out
 

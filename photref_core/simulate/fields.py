@@ -103,7 +103,6 @@ def simulate_field(outdir, name: str, seed: int = 0, n_frames: int = 20, **overr
         dec=60.0,
         rotation=15.0,
         catalog_scatter=0.10,
-        n_pairs=int(round(0.15 * recipe["n_stars"] / 2)),
         n_variables=3,
         min_separation=0.0,
         n_frames=n_frames,
@@ -112,6 +111,7 @@ def simulate_field(outdir, name: str, seed: int = 0, n_frames: int = 20, **overr
     kw.update(recipe)
     kw["wing_fwhm"] = WING_FWHM_FACTOR * kw["fwhm"]
     kw.update(overrides)
+    kw.setdefault("n_pairs", int(round(0.15 * kw["n_stars"] / 2)))  # 15 % of the stars in pairs
     sim = simulate_images(outdir, **kw)
     sim["prf_params"] = {**spec_radii(kw["pixscale"]), **FIELD_PRF_OPTIONS.get(name, {})}
     sim["pixscale"] = kw["pixscale"]
