@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 from scipy import sparse
+from scipy.linalg.blas import dsyrk
 from scipy.sparse.linalg import splu
 from threadpoolctl import threadpool_limits
 
@@ -155,7 +156,7 @@ class JointPixels:
             nsources x nsources) and ``EUr`` (nsources,).
         """
         nb = self.nbasis
-        JUJ = np.zeros((nb, nb))
+        JUJ = np.zeros((nb, nb), order="F")
         JUr = np.zeros(nb)
         EUJ = np.zeros((nsources, nb))
         pair_model = amp[self.src] * pair_prf
@@ -170,7 +171,8 @@ class JointPixels:
                 minlength=(p1 - p0) * nb,
             ).reshape(p1 - p0, nb)
             wb = weights[p0:p1]
-            JUJ += Jb.T @ (Jb * wb[:, None])
+            # J^T U J is symmetric: BLAS syrk forms one triangle (half the flops of a GEMM).
+            JUJ = dsyrk(1.0, Jb * np.sqrt(wb)[:, None], beta=1.0, c=JUJ, trans=1, lower=0, overwrite_c=1)
             JUr += Jb.T @ (wb * resid[p0:p1])
             Eb = sparse.csr_array(
                 (pair_prf[a:b] * weights[self.row[a:b]], (self.src[a:b], self.row[a:b] - p0)),
@@ -195,6 +197,7 @@ class JointPixels:
                 minlength=nsources * 16,
             ).reshape(nsources, 16)
             np.add.at(EUJ_res.T, c, per_src.T)
+        JUJ = np.triu(JUJ) + np.triu(JUJ, 1).T
         E = sparse.csr_array((pair_prf, (self.row, self.src)), shape=(self.npix, nsources))
         EU = E.T.multiply(weights[None, :]).tocsr()
         return {
