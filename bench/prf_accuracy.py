@@ -106,7 +106,13 @@ def read_fluxes(path, frame_ids, source_ids):
 def accuracy(quick: bool, n_frames: int, root: Path):
     from astropy.table import Table
 
-    from photref_core.simulate.fields import load_frames, oracle_fit, score_fluxes, simulate_field, true_fluxes
+    from photref_core.simulate.fields import (
+        load_frames,
+        oracle_fit,
+        score_fluxes,
+        simulate_field,
+        true_fluxes,
+    )
 
     cases = [c for c in FIELD_CASES if c[1] == 1] if quick else FIELD_CASES
     rows = []
@@ -178,7 +184,7 @@ def build_times(sizes, root: Path):
     print_table(
         rows,
         ["frame", "sources", "shape model", "build (s)", "iterations", "chi2/pixel", "peak RSS growth (MiB)"],
-        title="Shape-model build (PRFModel.build, 20 frames, Kepler-like: 4\"/pix, FWHM 1.5 px)",
+        title='Shape-model build (PRFModel.build, 20 frames, Kepler-like: 4"/pix, FWHM 1.5 px)',
     )
 
 

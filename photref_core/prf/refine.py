@@ -8,21 +8,29 @@ px): every isolated flux biased by several per cent, the bias following brightne
 This refinement fits the shape weights ``w`` to every good pixel within ``rmax`` of any source with every
 source's light modelled at once, no masks, no selection and no subtraction:
 
-    m_p(w) = sum_i a_i A_i 10**S_w(r_ip, phi_ip),      S_w = design(r, phi) @ w,
+    m_p(w, a) = sum_i a_i E_ip(w),      E_ip = A_i 10**S_w(r_ip, phi_ip),      S_w = design(r, phi) @ w,
 
-``a_i`` the source amplitudes (flux / norm), ``A_i`` the pixel area at the source. One iteration:
+``a_i`` the source amplitudes (flux / norm: they multiply the unnormalised PRF), ``A_i`` the pixel area
+at the source. It minimises ``sum_p U_p W_p (f_p - m_p)^2 + (w - w0)^T P (w - w0)`` over ``w`` and ``a``
+(``W = 1/err^2``, ``U`` the robust weights, ``P`` and ``w0`` the shape prior's precision and mean with
+its common level left free):
 
-1. the prior-free linear flux solve on the reference image(s) with the current (normalised) shape gives
-   the amplitudes (the caller's ``solve_amplitudes``);
-2. robust weights: Huber (``p.refine_huber`` robust standard deviations) on the normalised residuals
-   ``(f - m) / err``, scaled by their robust spread where that exceeds 1 (a model still far off is not
-   mistaken for outliers);
-3. one Gauss-Newton step with the amplitudes fixed, ``(J^T U W J + P) dw = J^T U W r - P (w - w0)``,
-   ``J[p, k] = ln10 sum_i m_ip B_k(r_ip, phi_ip)``, ``W = 1/err^2``, ``U`` the robust weights, ``P`` and
-   ``w0`` the shape prior's precision and mean; the step is capped at ``p.refine_max_step`` dex and halved
-   while it does not lower the (robustly weighted) chi^2 plus prior (Levenberg-Marquardt in its simplest
-   form: undamped, this diverged on an undersampled field);
-4. the shape is renormalised (the amplitudes absorb the change of scale at the next flux solve).
+1. the prior-free flux solve on the reference image(s) with the starting shape gives the amplitudes
+   (the caller's ``solve_amplitudes``, once);
+2. each iteration: Huber weights (``p.refine_huber`` robust standard deviations) on the normalised
+   residuals ``(f - m) / err``, scaled by their robust spread where that exceeds 1 (a model still far
+   off is not mistaken for outliers);
+3. the joint normal equations of ``(w, a)`` with ``J = dm/dw`` (``J[p, k] = ln10 sum_i a_i E_ip
+   B_k(r_ip, phi_ip)``) and ``E = dm/da``; the amplitudes are eliminated exactly (a Schur complement
+   through a sparse LU of ``E^T U W E``), so each step is a step of the whole problem, not of the shape
+   alone (alternating with the flux solve converged linearly). Gauss-Newton while chi^2 per pixel is
+   above 2, Newton (the residual terms ``U W r d2m``) below, where Gauss-Newton overshot the weakly
+   constrained outer ring; Newton falls back to Gauss-Newton when its step is not a descent direction;
+4. the step keeps the PRF's integral fixed to first order (the common level of ``w`` trades exactly
+   with the amplitudes, and a step along it is linearised badly through ``10**S``), is capped at
+   ``p.refine_max_step`` dex and halved while it does not lower the objective (undamped, a refinement
+   diverged on an undersampled field); the amplitudes take the step's own update;
+5. the shape is renormalised (the amplitudes are unaffected).
 
 It stops when the largest weight change is below ``p.refine_tol`` dex, or after ``p.refine_iterations``.
 
