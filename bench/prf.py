@@ -20,7 +20,9 @@ pins BLAS to one thread for both methods, the steadier figure on a busy machine)
 end. Measured on the development machine -- 2 CPU cores (x86_64), 23 GiB RAM, numpy 2.4 / scipy 1.17 with
 OpenBLAS, no GPU, shared with other jobs (load average 4-7) -- at 1,500 sources x 200 frames:
 
-* ``--threads 1``: build 2.6 s vs 38.9 s (15x); fit 5.5 ms/frame vs 313 ms/frame dense (57x);
+* ``--threads 1``: build 2.6 s vs 38.9 s (15x); fit 5.5 ms/frame vs 313 ms/frame dense (57x); with the
+  joint all-pixel refinement of the shape (``photref_core.prf.refine``, which the baseline does not do):
+  build 4.85 s vs 26.1 s (5.4x), fit 5.4 ms/frame vs 346 ms/frame (64x);
 * library default threads: build 4.5 s vs 44.6 s (10x); fit 4.9 ms/frame vs 1,390 ms/frame (282x:
   multithreaded BLAS on an oversubscribed 2-core box hurts the dense solve most).
 

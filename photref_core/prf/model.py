@@ -469,9 +469,9 @@ class PRFModel:
                 keep = fit_shape_weights(sm, r, phi, q, sq, src, w_prior, p, gn_steps=GN_STEPS if last else 0)
             sm.normalise()
             self._drop_models()
-            # Fluxes on the reference image with this shape (prior-free): next shape fit's F, and the prior.
             if last and p.refine_iterations:
                 self._refine_shape(epochs, geoms, w_prior)
+            # Fluxes on the reference image with this shape (prior-free): next shape fit's F, and the prior.
             mu_fit, err_fit = self._solve_reference(epochs[0])
             ok = np.isfinite(mu_fit) & (mu_fit > 0)
             if ok.any():

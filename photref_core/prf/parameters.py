@@ -84,9 +84,9 @@ class PRFParameters:
         pixels is then an error).
     refine_iterations : int
         Most iterations of the joint all-pixel refinement of the shape (:mod:`photref_core.prf.refine`):
-        every good pixel within ``rmax`` of any source, every source's light modelled at once, Gauss-Newton
-        alternating with the flux solve on the reference image. 0: off (the selection-based fit alone,
-        biased by several per cent on undersampled or crowded fields).
+        every good pixel within ``rmax`` of any source, every source's light modelled at once, (Gauss-)
+        Newton steps with the source amplitudes profiled out. 0: off (the selection-based fit alone,
+        biased by 1-3 % on undersampled fields, 0.8 % at 0.11"/pix: README, "PRF accuracy").
     refine_tol : float
         The refinement has converged when no shape weight changed by more than this (dex) in an iteration.
     refine_max_step : float
@@ -97,8 +97,9 @@ class PRFParameters:
         beyond this many robust standard deviations get Huber weights (outliers: cosmic rays, unmasked
         bad pixels). Generous on purpose: where the model is not flexible enough (a PRF core within one
         pixel) the brightest cores misfit by several sigma, and down-weighting them biases the bright
-        stars (measured on a 21"/pix field: 4 sigma gave chi std 1.155 and a 4-sigma bias of the
-        brightest star, 10 gave 1.135). ``None``: no robust weight.
+        stars (measured on a 21"/pix field with 10 radial knots, by an earlier alternating version of
+        the refinement: 4 sigma gave chi std 1.155 and a 4-sigma bias of the brightest star, 10 gave
+        1.135). ``None``: no robust weight.
     fit_background : bool
         Fit a constant background per frame (flat prior) together with the fluxes.
     min_good_fraction : float
