@@ -122,8 +122,7 @@ class ShapeModel:
         n = r.size
         if n == 0:
             return sparse.csr_array((0, self.nbasis))
-        rc, rv = row_block(self.radial_design(r), n)
-        pc, pv = row_block(self.angular_design(np.asarray(phi, dtype=float).ravel()), n)
+        rc, rv, pc, pv = self.slots(r, phi)
         # Row-wise products: radial slot a x angular slot b. A phi-free (inner) radial function gets one
         # entry (slot b = 0) with the radial value, since the angular functions sum to 1.
         free = rc < self.n_cut  # (n, 4)

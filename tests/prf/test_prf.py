@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS
 
 from photref_core.errors import BadInputError
 from photref_core.prf import solver as prf_solver
@@ -22,24 +21,13 @@ from photref_core.prf.model import PRFModel
 from photref_core.prf.parameters import PRFParameters
 from photref_core.prf.shape import ShapeModel
 from photref_core.prf.solver import FLAG_LOW_COVERAGE
+from photref_core.simulate.fields import load_frames
 from photref_core.simulate.images import encircled_energy, prf_density, simulate_images
 
 # The main field: Roman-like 0.11"/pix, FWHM 2.5 px, at dec +70. Radii are passed in arcsec; rmax=1.1"
 # (10 px = 4 FWHM) keeps 60 stars in 300x300 px mostly non-overlapping, so "isolated" stars exist.
 MAIN = dict(n_frames=20, n_stars=60, size=300, pixscale=0.11, seed=1, min_separation=24.0, n_edge=2)
 MAIN_PARAMS = dict(rmax=1.1, sparse_dist_lim=2.0)
-
-
-def load_frames(paths):
-    """Frames as arrays (SPEC 1.3 files written by simulate_images)."""
-    flux, err, mask, wcs = [], [], [], []
-    for p in paths:
-        with fits.open(p) as h:
-            flux.append(h[0].data.astype(float))
-            err.append(h["ERR"].data.astype(float))
-            mask.append(h["MASK"].data != 0)
-            wcs.append(WCS(h[0].header))
-    return np.array(flux), np.array(err), np.array(mask), wcs
 
 
 def setup_field(tmp, sim_kw, params_kw, per_frame_wcs=False):
