@@ -266,12 +266,25 @@ def frames_per_chunk_for(n_sources: int, n_photometries: int, itemsize: int) -> 
     return 1 << (int(frames).bit_length() - 1)
 
 
+#: Set on the root group before a new store's first array and removed with the schema attributes: a
+#: creation killed half-way is recognised (and redone) instead of refused as a foreign store.
+_CREATING = "photref_creating"
+
+
 def create_store(url, n_phot, dtype, frames_per_chunk) -> zarr.Group:
     group = open_group(url, mode="a")
     if "photref_schema" in group.attrs:
         return group
-    if set(group.keys()) - {"prf", "results"} or group.attrs.asdict():
+    attrs = group.attrs.asdict()
+    partial = set(group.keys()) - {"prf", "results"}
+    if attrs.get(_CREATING) is not None:
+        # A creation killed before its schema attributes: its arrays are empty (no frame, no source
+        # yet), so nothing is lost by creating them again.
+        for name in partial:
+            del group[name]
+    elif partial or attrs:
         raise StoreError(f"{url}: exists and is not a photref store; choose an empty location")
+    group.attrs[_CREATING] = SCHEMA_VERSION
     itemsize = np.dtype(dtype).itemsize
     create_data_arrays(group, (0, 0, n_phot), choose_chunks(0, n_phot, itemsize, frames_per_chunk), dtype)
     group.create_array("source_id", shape=(0,), chunks=(65536,), dtype="u8", dimension_names=["source"])
@@ -289,6 +302,7 @@ def create_store(url, n_phot, dtype, frames_per_chunk) -> zarr.Group:
             "axes": {"frames": 0, "sources": 0},
         }
     )
+    del group.attrs[_CREATING]
     return group
 
 

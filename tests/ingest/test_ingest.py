@@ -312,6 +312,30 @@ def test_other_schema_version_and_non_store_refused(field, tmp_path):
         plan_ingestion(other, frames, catalog=read_catalog(catalog))
 
 
+def test_store_creation_killed_half_way_is_redone(field, tmp_path, monkeypatch):
+    """A run killed inside the store's creation (arrays made, schema attributes not yet written) left a
+    store the next run refused as foreign (seen in the SIGKILL reliability test); it is created again."""
+    from photref_core.ingest.photometry import plan_ingestion
+    from photref_core.store import schema
+
+    root, frames, catalog = field
+    store = tmp_path / "half.zarr"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed inside create_store")
+
+    with monkeypatch.context() as m:
+        m.setattr(schema, "create_frame_axis", killed)
+        with pytest.raises(KeyboardInterrupt):
+            schema.create_store(str(store), 3, "f8", 8)
+    half = zarr.open_group(str(store), mode="r")
+    assert "mag" in half and "photref_schema" not in half.attrs
+    plan_ingestion(store, frames, catalog=read_catalog(catalog))
+    group = zarr.open_group(str(store), mode="r")
+    assert group.attrs["photref_schema"] == schema.SCHEMA_VERSION
+    assert "photref_creating" not in group.attrs
+
+
 def test_bad_catalogs(tmp_path):
     empty = tmp_path / "empty.fits"
     Table({"source_id": np.zeros(0, np.int64), "ra": np.zeros(0)}).write(empty)
