@@ -30,7 +30,7 @@ its common level left free):
    with the amplitudes, and a step along it is linearised badly through ``10**S``), is capped at
    ``p.refine_max_step`` dex and halved while it does not lower the objective (undamped, a refinement
    diverged on an undersampled field); the amplitudes take the step's own update;
-5. the shape is renormalised (the amplitudes are unaffected).
+5. at the end, the shape is renormalised (the amplitudes, unnormalised, need it in no step).
 
 It stops when the largest weight change is below ``p.refine_tol`` dex, or after ``p.refine_iterations``.
 
@@ -50,7 +50,7 @@ from scipy.sparse.linalg import splu
 from threadpoolctl import threadpool_limits
 
 from .geometry import Geometry
-from .shape import ShapeModel, row_block, shape_prior, slot_log_values
+from .shape import ShapeModel, shape_prior, slot_log_values
 
 __all__ = ["JointPixels", "refine_shape"]
 
@@ -88,23 +88,20 @@ class JointPixels:
         # Pair ranges of whole pixels: pair k belongs to pixel row[k]; first pair of each pixel.
         self.pixel_start = np.searchsorted(self.row, np.arange(self.npix + 1))
         r, phi = g.r[sel][order], g.phi[sel][order]
-        rc, rv = row_block(sm.radial_design(r), r.size)
-        pc, pv = row_block(sm.angular_design(phi), r.size)
+        rc, rv, pc, pv = sm.slots(r, phi)
         self.rc, self.rv = rc.astype(np.int16), rv
         self.pc, self.pv = pc.astype(np.int16), pv
-        self.n_cut, self.n_phi, self.nbasis = sm.n_cut, sm.n_phi_knots, sm.nbasis
+        self.nbasis = sm.nbasis
         self.shape = sm
         # Cells: pairs with the same 16 basis columns (4 radial x 4 angular slots; phi-free functions
         # repeat their column). A pair's columns are its cell's, and sums over pairs are small dense
         # products per cell.
         key = np.zeros(rc.shape[0], np.int64)  # the 8 slot columns as one integer
-        for c, base in ((rc, sm.n_radial), (pc, self.n_phi)):
+        for c, base in ((rc, sm.n_radial), (pc, sm.n_phi_knots)):
             for j in range(4):
                 key = key * base + c[:, j]
         _, first, cell_id = np.unique(key, return_index=True, return_inverse=True)
-        rc0, pc0 = rc[first].astype(np.int64), pc[first].astype(np.int64)
-        cols = self.n_cut + (rc0[:, :, None] - self.n_cut) * self.n_phi + pc0[:, None, :]
-        self.cell_cols = np.where((rc0 < self.n_cut)[:, :, None], rc0[:, :, None], cols).reshape(-1, 16)
+        self.cell_cols = sm.slot_columns(rc[first], pc[first]).reshape(-1, 16)
         self.cell_id = cell_id.ravel().astype(np.int32)
         self.cell_pairs = np.argsort(self.cell_id, kind="stable")
         self.cell_bounds = np.searchsorted(
@@ -275,7 +272,8 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
     p : PRFParameters
         ``refine_iterations``, ``refine_tol``, ``refine_max_step``, ``refine_huber`` and the shape prior.
     on_shape_change : callable, optional
-        Called after every change of ``sm.weights`` (e.g. to drop cached model matrices).
+        Called once ``sm.weights`` and ``sm.norm`` hold the refined shape (e.g. to drop cached model
+        matrices).
 
     Returns
     -------
@@ -298,7 +296,6 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
     chi2, max_dw, halvings, objective_drop, newton_used = [], [], [], [], []
     converged = False
     done = 0
-    ns = int(max((q.src.max(initial=-1) for q in problems), default=-1)) + 1
 
     def diagnostics():
         return {
@@ -311,15 +308,8 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
             "refine_newton": newton_used,
         }
 
-    if sum(q.npix for q in problems) == 0 or ns == 0:
+    if sum(q.npix for q in problems) == 0:
         return diagnostics()
-
-    def amplitudes():
-        out = []
-        for f in solve_amplitudes():
-            f = np.nan_to_num(np.asarray(f, dtype=float), nan=0.0, posinf=0.0, neginf=0.0) / sm.norm
-            out.append(np.concatenate([f, np.zeros(max(0, ns - f.size))])[: max(ns, f.size)])
-        return out
 
     def residuals(w_, amps):
         prfs = [q.pair_prf(w_) for q in problems]
@@ -338,7 +328,11 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
         # The flux solve runs once; then the amplitudes follow the joint steps (they multiply the
         # unnormalised PRF, so renormalising the shape leaves them valid). On a crowded field the flux
         # solve is one dense system of every source: one solve, not one an iteration.
-        amps = amplitudes()
+        amps = [
+            np.nan_to_num(np.asarray(f, dtype=float), nan=0.0, posinf=0.0, neginf=0.0) / sm.norm
+            for f in solve_amplitudes()
+        ]
+        ns = amps[0].size
         prfs, resid = residuals(w, amps)
         for it in range(1, int(p.refine_iterations) + 1):
             done = it
@@ -356,7 +350,7 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
             ]
             # Gauge: the overall level of S trades exactly with the amplitudes (a step along it is
             # linearised badly through 10**S); steps keep the PRF's integral fixed to first order.
-            c = sm.norm_gradient() / sm.norm
+            c = sm.norm_gradient() / sm.norm  # (a scale for conditioning only: the norm of the start)
             for newton in (True, False) if chi2[-1] < 2.0 else (False,):
                 profiled = [_Profiled(ne, newton) for ne in nes]
                 Hn = H + sum(pr.H for pr in profiled)
@@ -387,13 +381,14 @@ def refine_shape(sm: ShapeModel, problems, solve_amplitudes, w_prior, p, on_shap
             objective_drop.append(phi0 - phi1)
             w = w + dw
             amps, prfs, resid = trial_amps, trial_prfs, trial
-            sm.weights = w
-            sm.normalise()
-            if on_shape_change is not None:
-                on_shape_change()
+            sm.weights = w  # the gauge of the next step is taken at the new weights
             max_dw.append(float(np.max(np.abs(dw))))
             if max_dw[-1] < p.refine_tol:
                 converged = True
                 break
         chi2.append(chi2_per_pixel(resid))
+    # The amplitudes multiply the unnormalised PRF, so the shape is normalised once, at the end.
+    sm.normalise()
+    if on_shape_change is not None:
+        on_shape_change()
     return diagnostics()

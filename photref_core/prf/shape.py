@@ -126,8 +126,7 @@ class ShapeModel:
         # Row-wise products: radial slot a x angular slot b. A phi-free (inner) radial function gets one
         # entry (slot b = 0) with the radial value, since the angular functions sum to 1.
         free = rc < self.n_cut  # (n, 4)
-        cols = self.n_cut + (rc[:, :, None] - self.n_cut) * self.n_phi_knots + pc[:, None, :]
-        cols = np.where(free[:, :, None], rc[:, :, None], cols)
+        cols = self.slot_columns(rc, pc)
         vals = np.where(free[:, :, None], rv[:, :, None], rv[:, :, None] * pv[:, None, :])
         valid = ~free[:, :, None] | (np.arange(4) == 0)[None, None, :]
         indptr = np.concatenate([[0], np.cumsum(valid.sum(axis=(1, 2)))])
@@ -153,6 +152,24 @@ class ShapeModel:
         rc, rv = row_block(self.radial_design(r), r.size)
         pc, pv = row_block(self.angular_design(np.asarray(phi, dtype=float).ravel()), r.size)
         return rc, rv, pc, pv
+
+    def slot_columns(self, rc, pc):
+        """The basis column of every radial x angular slot product: (n, 4, 4) from the (n, 4) slot columns
+        of :meth:`slots` (a phi-free radial function's column repeated over its 4 angular slots).
+
+        Parameters
+        ----------
+        rc, pc : numpy.ndarray
+            (n, 4) radial and angular slot columns.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, 4, 4) int64.
+        """
+        rc, pc = np.asarray(rc, np.int64), np.asarray(pc, np.int64)
+        cols = self.n_cut + (rc[:, :, None] - self.n_cut) * self.n_phi_knots + pc[:, None, :]
+        return np.where((rc < self.n_cut)[:, :, None], rc[:, :, None], cols)
 
     def weight_table(self, weights=None):
         """The weights as an (``n_radial``, ``n_phi_knots``) table: row ``j`` holds radial function ``j``'s
@@ -190,7 +207,7 @@ class ShapeModel:
         out = np.full(r.shape, np.nan)
         inside = r <= self.rmax
         if inside.any():
-            out[inside] = self.design(r[inside], phi[inside]) @ self.weights
+            out[inside] = slot_log_values(self.weight_table(), *self.slots(r[inside], phi[inside]))
         return out
 
     def density(self, r, phi):
@@ -337,7 +354,7 @@ def model_values(sm: ShapeModel, g: Geometry):
     out = np.zeros(g.r.size)
     inside = g.r <= sm.rmax
     if inside.any():
-        s = slot_log_values(sm.weight_table(), *sm.slots(g.r[inside], g.phi[inside]))
+        s = sm.log_value(g.r[inside], g.phi[inside])
         out[inside] = 10.0**s / sm.norm * g.area[g.src[inside]]
     return out
 
@@ -556,11 +573,8 @@ class _Blocks:
         r = np.asarray(r, dtype=float).ravel()
         n = r.size
         self.n, self.nbasis = n, sm.nbasis
-        rc, rv = row_block(sm.radial_design(r), n)
-        pc, pv = row_block(sm.angular_design(np.asarray(phi, dtype=float).ravel()), n)
-        free = rc < sm.n_cut
-        cols = sm.n_cut + (rc[:, :, None] - sm.n_cut) * sm.n_phi_knots + pc[:, None, :]
-        self.cols = np.where(free[:, :, None], rc[:, :, None], cols).reshape(n, 16)
+        rc, rv, pc, pv = sm.slots(r, phi)
+        self.cols = sm.slot_columns(rc, pc).reshape(n, 16)
         self.vals = (rv[:, :, None] * pv[:, None, :]).reshape(n, 16)
         cell = rc[:, 0] * sm.n_phi_knots + pc[:, 0]
         order = np.argsort(cell, kind="stable")
