@@ -176,6 +176,8 @@ def build_deployments(args: argparse.Namespace) -> list:
     ]
     if not args.no_manual:
         master_params = settings.master_parameters()
+        # A deployment's parameters are JSON: the form of the master parameters object.
+        master_params["params"] = master_params["params"].model_dump(mode="json")
         deployments.append(
             build_master_photref.to_deployment(
                 name=MANUAL_NAME,

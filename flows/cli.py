@@ -22,9 +22,11 @@ import argparse
 import json
 import os
 import sys
+import typing
 
-from photref_core.master.parameters import MASTER_DEFAULTS
-from photref_core.prf.parameters import PRF_DEFAULTS
+from photref_core.master.parameters import MasterParameters
+from photref_core.master.stats import DEFAULT_BLOCK_MIB
+from photref_core.prf.parameters import PRF_DEFAULTS, PSF_ZERO_POINT
 
 
 def _runner_options(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,23 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dask-address", default=None, help="run the tasks on this Dask scheduler (tcp://host:8786)"
     )
+
+
+def _model_options(group, model) -> None:
+    """One ``--option`` per field of a pydantic parameters model: its name, type, choices (a ``Literal``),
+    default and description, all read from the model (the one place they are written)."""
+    for name, info in model.model_fields.items():
+        kind = info.annotation
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        help_text = (info.description or "").rstrip(".")
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=None if choices else kind,
+            choices=choices,
+            default=info.default,
+            help=f"{help_text} (default: %(default)s)",
+        )
 
 
 def _cmd_simulate_photometry(args) -> int:
@@ -86,29 +105,17 @@ def _cmd_ingest(args) -> int:
 def _cmd_master(args) -> int:
     from flows.master_photref import run_master
 
-    names = (
-        "outlier_threshold",
-        "max_rejection_iterations",
-        "rejection_center",
-        "rejection_units",
-        "min_nobs_median_fraction",
-        "fit_terms",
-        "fit_outlier_threshold",
-        "fit_outlier_average",
-        "fit_max_rej_iter",
-        "scatter_quantity",
-        "block_mib",
-        "frames",
-        "strict",
-    )
     products = run_master(
         args.store,
         args.catalog,
         args.output,
         max_workers=args.max_workers,
         dask_address=args.dask_address,
+        params=MasterParameters(**{name: getattr(args, name) for name in MasterParameters.model_fields}),
+        frames=args.frames,
+        strict=args.strict,
+        block_mib=args.block_mib,
         plots=not args.no_plots,
-        **{name: getattr(args, name) for name in names},
     )
     print(json.dumps(products, indent=2, default=str))
     return 0
@@ -195,33 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="master FITS path (statistics table and plots beside it)")
     p.add_argument("--frames", nargs="+", default=None, help="frame files or globs to ingest first")
     p.add_argument("--strict", action="store_true", help="fail on the first bad frame")
-    p.add_argument("--outlier-threshold", type=float, default=MASTER_DEFAULTS["outlier_threshold"])
+    _model_options(p.add_argument_group("SPEC 3-5 parameters"), MasterParameters)
     p.add_argument(
-        "--max-rejection-iterations", type=int, default=MASTER_DEFAULTS["max_rejection_iterations"]
+        "--block-mib",
+        type=float,
+        default=DEFAULT_BLOCK_MIB,
+        help="memory budget of one out-of-core source block, in MiB (default: %(default)s)",
     )
-    p.add_argument(
-        "--rejection-center", choices=["median", "mean"], default=MASTER_DEFAULTS["rejection_center"]
-    )
-    p.add_argument(
-        "--rejection-units",
-        choices=["stddev", "meddev", "absolute"],
-        default=MASTER_DEFAULTS["rejection_units"],
-    )
-    p.add_argument(
-        "--min-nobs-median-fraction", type=float, default=MASTER_DEFAULTS["min_nobs_median_fraction"]
-    )
-    p.add_argument("--fit-terms", default=MASTER_DEFAULTS["fit_terms"])
-    p.add_argument("--fit-outlier-threshold", type=float, default=MASTER_DEFAULTS["fit_outlier_threshold"])
-    p.add_argument(
-        "--fit-outlier-average", choices=["median", "mean"], default=MASTER_DEFAULTS["fit_outlier_average"]
-    )
-    p.add_argument("--fit-max-rej-iter", type=int, default=MASTER_DEFAULTS["fit_max_rej_iter"])
-    p.add_argument(
-        "--scatter-quantity",
-        choices=["medianmeddev", "mediandev"],
-        default=MASTER_DEFAULTS["scatter_quantity"],
-    )
-    p.add_argument("--block-mib", type=float, default=64, help="memory budget of one out-of-core block")
     p.add_argument("--no-plots", action="store_true")
     _runner_options(p)
     p.set_defaults(func=_cmd_master)
@@ -260,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add the PSF magnitudes to the store's photometry (one more photometry, 'psf')",
     )
-    p.add_argument("--zero-point", type=float, default=25.0, help="of the --as-photometry magnitudes")
+    p.add_argument(
+        "--zero-point",
+        type=float,
+        default=PSF_ZERO_POINT,
+        help="of the --as-photometry magnitudes (default: %(default)s)",
+    )
     _runner_options(p)
     p.set_defaults(func=_cmd_prf)
 
@@ -279,11 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         from flows.server import connect_to_server
 
         connect_to_server()
+    from pydantic import ValidationError
+
     from photref_core.errors import PhotrefError
 
     try:
         return args.func(args)
-    except PhotrefError as exc:
+    except (PhotrefError, ValidationError) as exc:  # a bad input file or a bad parameter value
         print(f"photref: error: {exc}", file=sys.stderr)
         return 2
 

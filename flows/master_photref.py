@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -32,7 +31,8 @@ from prefect.context import FlowRunContext
 from photref_core.catalog import read_catalog
 from photref_core.errors import BadInputError, StoreError, retry_transient
 from photref_core.ingest.photometry import ingestion_needed
-from photref_core.master.parameters import MASTER_DEFAULTS, MasterParameters
+from photref_core.master.parameters import MasterParameters
+from photref_core.master.stats import DEFAULT_BLOCK_MIB
 from photref_core.master.steps import products_intact, statistics_path, validate_fit_terms
 from photref_core.store.groups import group_exists
 from photref_core.store.lock import store_run
@@ -70,19 +70,10 @@ def build_master_photref(
     catalog: str,
     output: str,
     frames: list[str] | None = None,
+    params: MasterParameters = MasterParameters(),  # noqa: B008 - frozen: one shared default is safe
     strict: bool = False,
-    outlier_threshold: float = MASTER_DEFAULTS["outlier_threshold"],
-    max_rejection_iterations: int = MASTER_DEFAULTS["max_rejection_iterations"],
-    rejection_center: Literal["median", "mean"] = MASTER_DEFAULTS["rejection_center"],
-    rejection_units: Literal["stddev", "meddev", "absolute"] = MASTER_DEFAULTS["rejection_units"],
-    min_nobs_median_fraction: float = MASTER_DEFAULTS["min_nobs_median_fraction"],
-    fit_terms: str = MASTER_DEFAULTS["fit_terms"],
-    fit_outlier_threshold: float = MASTER_DEFAULTS["fit_outlier_threshold"],
-    fit_outlier_average: Literal["median", "mean"] = MASTER_DEFAULTS["fit_outlier_average"],
-    fit_max_rej_iter: int = MASTER_DEFAULTS["fit_max_rej_iter"],
-    scatter_quantity: Literal["medianmeddev", "mediandev"] = MASTER_DEFAULTS["scatter_quantity"],
     extra_header: dict | None = None,
-    block_mib: float = 64,
+    block_mib: float = DEFAULT_BLOCK_MIB,
     plots: bool = True,
     lock_timeout: float | None = 0.0,
 ) -> dict:
@@ -98,14 +89,10 @@ def build_master_photref(
         Master FITS path; the statistics table goes beside it as ``<name>_stat.fits``, plots as PNG.
     frames : list of str, optional
         Frame files or globs to ingest first (only new or changed ones are read).
+    params : MasterParameters
+        The SPEC 3-5 parameters: statistics with rejection, scatter fit, master cut.
     strict : bool
         Fail on a bad frame instead of quarantining it.
-    outlier_threshold, max_rejection_iterations, rejection_center, rejection_units
-        Statistics with iterative rejection (SPEC 3).
-    min_nobs_median_fraction : float
-        Enough-count threshold, as a fraction of the median kept count.
-    fit_terms, fit_outlier_threshold, fit_outlier_average, fit_max_rej_iter, scatter_quantity
-        Scatter fit (SPEC 4, 5).
     extra_header : dict, optional
         Keywords for the master's primary header.
     block_mib : float
@@ -123,20 +110,8 @@ def build_master_photref(
     logger = get_run_logger()
     # One spelling of every path (a relative store path would miss the cache of an absolute one).
     store, catalog, output = store_url(store), os.path.abspath(catalog), os.path.abspath(output)
-    params = MasterParameters(
-        outlier_threshold=outlier_threshold,
-        max_rejection_iterations=max_rejection_iterations,
-        rejection_center=rejection_center,
-        rejection_units=rejection_units,
-        min_nobs_median_fraction=min_nobs_median_fraction,
-        fit_terms=fit_terms,
-        fit_outlier_threshold=fit_outlier_threshold,
-        fit_outlier_average=fit_outlier_average,
-        fit_max_rej_iter=fit_max_rej_iter,
-        scatter_quantity=scatter_quantity,
-    )
     catalog_table = retry_transient(read_catalog, catalog)
-    term_names = validate_fit_terms(fit_terms, catalog_table).term_names
+    term_names = validate_fit_terms(params.fit_terms, catalog_table).term_names
     with store_run(store, timeout=lock_timeout):
         if frames and _ingestion_needed(store, frames, catalog_table):
             # The ingestion subflow runs on this run's task runner (threads or the Dask cluster).

@@ -24,25 +24,24 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as runtime_flow_run
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from flows.master_photref import build_master_photref
 from flows.runners import make_task_runner
-from photref_core.errors import FitTermsError
-from photref_core.master.fitterms import parse_fit_terms
-from photref_core.master.parameters import MASTER_DEFAULTS
+from photref_core.master.parameters import MasterParameters
+from photref_core.master.stats import DEFAULT_BLOCK_MIB
 
 __all__ = ["NightlySettings", "nightly_master"]
 
 NonEmptyPath = Annotated[str, Field(min_length=1)]
 
 
-class NightlySettings(BaseModel):
+class NightlySettings(MasterParameters):
     """Everything one nightly run needs: where the field lives, and the SPEC 3-5 parameters.
 
     Attributes
@@ -58,12 +57,10 @@ class NightlySettings(BaseModel):
         Master FITS path; the statistics table and the plots are written beside it.
     strict : bool
         Fail the run on a bad frame instead of quarantining it.
-    outlier_threshold, max_rejection_iterations, rejection_center, rejection_units
-        Statistics with iterative rejection (SPEC 3).
-    min_nobs_median_fraction : float
-        Enough-count threshold, as a fraction of the median kept count (SPEC 3).
-    fit_terms, fit_outlier_threshold, fit_outlier_average, fit_max_rej_iter, scatter_quantity
-        Scatter fit (SPEC 4, 5). ``fit_terms`` is parsed (never executed) when the settings are built.
+    fit_terms, min_nobs_median_fraction, fit_outlier_*, outlier_threshold, rejection_* ...
+        The SPEC 3-5 parameters: the fields of :class:`~photref_core.master.parameters.MasterParameters`
+        (inherited, so their defaults, bounds and descriptions are that object's). ``fit_terms`` is parsed
+        (never executed) when the settings are built.
     extra_header : dict, optional
         Keywords for the master's primary header.
     block_mib : float
@@ -90,53 +87,12 @@ class NightlySettings(BaseModel):
         description="Master FITS path (the statistics table and the plots go beside it)."
     )
     strict: bool = Field(False, description="Fail the run on a bad frame instead of quarantining it.")
-    outlier_threshold: float = Field(
-        MASTER_DEFAULTS["outlier_threshold"],
-        gt=0,
-        allow_inf_nan=False,
-        description="Statistics: rejection threshold T (in units).",
-    )
-    max_rejection_iterations: int = Field(
-        MASTER_DEFAULTS["max_rejection_iterations"],
-        ge=0,
-        description="Statistics: most rejection iterations.",
-    )
-    rejection_center: Literal["median", "mean"] = Field(
-        MASTER_DEFAULTS["rejection_center"], description="Statistics: the centre."
-    )
-    rejection_units: Literal["stddev", "meddev", "absolute"] = Field(
-        MASTER_DEFAULTS["rejection_units"], description="Statistics: the unit of the threshold."
-    )
-    min_nobs_median_fraction: float = Field(
-        MASTER_DEFAULTS["min_nobs_median_fraction"],
-        ge=0,
-        allow_inf_nan=False,
-        description="A star has enough points when its kept count exceeds this fraction of the median.",
-    )
-    fit_terms: str = Field(
-        MASTER_DEFAULTS["fit_terms"],
-        min_length=1,
-        description="Fit-terms expression over catalog columns, e.g. O2{phot_g_mean_mag}.",
-    )
-    fit_outlier_threshold: float = Field(
-        MASTER_DEFAULTS["fit_outlier_threshold"],
-        gt=0,
-        allow_inf_nan=False,
-        description="Scatter fit: outlier threshold (and master cut).",
-    )
-    fit_outlier_average: Literal["median", "mean"] = Field(
-        MASTER_DEFAULTS["fit_outlier_average"], description="Scatter fit: average of the squared residuals."
-    )
-    fit_max_rej_iter: int = Field(
-        MASTER_DEFAULTS["fit_max_rej_iter"], ge=0, description="Scatter fit: most rejection iterations."
-    )
-    scatter_quantity: Literal["medianmeddev", "mediandev"] = Field(
-        MASTER_DEFAULTS["scatter_quantity"], description="Scatter fit: the scatter fitted."
-    )
     extra_header: dict[str, str | int | float | bool] | None = Field(
         None, description="Keywords for the master's primary header."
     )
-    block_mib: float = Field(64, gt=0, description="Memory budget of one out-of-core source block, in MiB.")
+    block_mib: float = Field(
+        DEFAULT_BLOCK_MIB, gt=0, description="Memory budget of one out-of-core source block, in MiB."
+    )
     plots: bool = Field(True, description="Write the PNG plots.")
     lock_timeout: float | None = Field(
         1800.0,
@@ -144,15 +100,6 @@ class NightlySettings(BaseModel):
         allow_inf_nan=False,
         description="Seconds to wait for another run on the same store (empty: wait as long as it takes).",
     )
-
-    @field_validator("fit_terms")
-    @classmethod
-    def _parse_fit_terms(cls, value: str) -> str:
-        try:
-            parse_fit_terms(value)
-        except FitTermsError as exc:
-            raise ValueError(str(exc)) from None
-        return value
 
     @field_validator("extra_header")
     @classmethod
@@ -168,12 +115,14 @@ class NightlySettings(BaseModel):
         Returns
         -------
         dict
-            ``store``, ``catalog``, ``output``, ``frames`` (the glob, as a one-element list) and every
-            statistics, fit and product parameter.
+            ``store``, ``catalog``, ``output``, ``frames`` (the glob, as a one-element list), ``params``
+            (the SPEC 3-5 parameters) and every product and run option.
         """
-        params = self.model_dump(exclude={"frames_glob"})
-        params["frames"] = [self.frames_glob]
-        return params
+        master_fields = set(MasterParameters.model_fields)
+        kwargs = self.model_dump(exclude={"frames_glob"} | master_fields)
+        kwargs["frames"] = [self.frames_glob]
+        kwargs["params"] = MasterParameters(**self.model_dump(include=master_fields))
+        return kwargs
 
 
 def _run_name() -> str:

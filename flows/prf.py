@@ -18,7 +18,7 @@ from typing import Literal
 from prefect import flow
 from prefect.futures import as_completed
 
-from photref_core.prf.parameters import PRF_DEFAULTS, PRFParameters
+from photref_core.prf.parameters import PRF_DEFAULTS, PSF_ZERO_POINT, PRFParameters
 from photref_core.prf.steps import frame_chunks, prf_model_key
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
@@ -63,7 +63,7 @@ def solve_prf(
     frames_per_chunk: int = 8,
     plot: bool = True,
     as_photometry: bool = False,
-    zero_point: float = 25.0,
+    zero_point: float = PSF_ZERO_POINT,
     lock_timeout: float | None = 0.0,
 ) -> dict:
     """Ingest images, build the field's PRF shape model, fit every source's flux in every frame.

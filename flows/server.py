@@ -75,13 +75,14 @@ def _profile_sets_api_url() -> bool:
     return False
 
 
-def connect_to_server(stream=sys.stderr) -> str | None:
+def connect_to_server(stream=None) -> str | None:
     """Point this process at a running Prefect server before Prefect starts, and say which one.
 
     ``PREFECT_API_URL`` (environment or profile) wins; else the server of ``photref server start`` for
     this home; else Prefect's temporary server, with a hint. Returns the API URL, None for the temporary
     server.
     """
+    stream = stream or sys.stderr  # looked up per call: a default bound at import goes stale
     url = os.environ.get("PREFECT_API_URL")
     if url:
         print(f"photref: Prefect server {url} (PREFECT_API_URL)", file=stream)

@@ -38,6 +38,8 @@ from astropy.table import Column, MaskedColumn, Table
 from .. import SOFTWARE
 from .._atomic import atomic_writeto
 from ..errors import BadInputError, PhotrefError
+from .parameters import MasterParameters
+from .stats import STATISTIC_NAMES
 
 if TYPE_CHECKING:  # xarray (and pandas under it) costs ~0.35 s to import: only where it is used
     import xarray as xr
@@ -64,37 +66,14 @@ STATISTICS_EXTNAME = "STATISTICS"
 """EXTNAME of the table HDU of the statistics file."""
 
 HEADER_KEYS: dict[str, str] = {
-    "FITTERMS": "fit-terms expression of the scatter fit",
-    "MINOBSFR": "min_nobs_median_fraction",
-    "OUTL_AVG": "fit_outlier_average (median or mean)",
-    "OUTL_THR": "fit_outlier_threshold",
-    "MAXREJIT": "fit_max_rej_iter",
-    "STATTHR": "statistics outlier_threshold",
-    "STATITER": "statistics max_rejection_iterations",
-    "STATCEN": "statistics rejection_center",
-    "STATUNIT": "statistics rejection_units",
-    "SCATQTY": "scatter_quantity fitted (log10)",
+    **{keyword: comment for keyword, (_, comment) in MasterParameters.fits_keywords().items()},
     "NFRAMES": "number of frames included",
     "SOFTWARE": "software (name and version) that wrote this",
     "STORE": "store the statistics were computed from",
 }
 """The primary-header keywords of the master, in the order written, with their comments."""
 
-STAT_VECTOR_COLUMNS: tuple[str, ...] = (
-    "full_count",
-    "rejected_count",
-    "magnitude",
-    "mediandev",
-    "medianmeddev",
-    "mag_err_full_count",
-    "mag_err_rejected_count",
-    "mag_err",
-    "mag_err_mediandev",
-    "mag_err_medianmeddev",
-    "enough",
-    "scatter_excess",
-    "in_master",
-)
+STAT_VECTOR_COLUMNS: tuple[str, ...] = (*STATISTIC_NAMES, "enough", "scatter_excess", "in_master")
 """The (source, photometry) variables of the statistics, in statistics-table column order."""
 
 _COUNT_COLUMNS = frozenset({"full_count", "rejected_count", "mag_err_full_count", "mag_err_rejected_count"})

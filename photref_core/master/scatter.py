@@ -8,18 +8,20 @@ enter the master photometric reference.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
+from ..checks import check_choice, check_count, check_positive_finite
 from ..errors import FitError
 
 __all__ = ["ScatterFitParameters", "ScatterFitResult", "fit_scatter"]
 
+OutlierAverage = Literal["median", "mean"]
+ScatterQuantity = Literal["medianmeddev", "mediandev"]
 _AVERAGES = {"median": np.median, "mean": np.mean}
-_SCATTER_QUANTITIES = ("medianmeddev", "mediandev")
+SCATTER_QUANTITIES = get_args(ScatterQuantity)
 
 
 @dataclass(frozen=True)
@@ -50,29 +52,15 @@ class ScatterFitParameters:
     """
 
     fit_outlier_threshold: float = 3.0
-    fit_outlier_average: str = "median"
+    fit_outlier_average: OutlierAverage = "median"
     fit_max_rej_iter: int = 20
-    scatter_quantity: str = "medianmeddev"
+    scatter_quantity: ScatterQuantity = "medianmeddev"
 
     def __post_init__(self):
-        threshold = self.fit_outlier_threshold
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, numbers.Real)
-            or not (math.isfinite(threshold) and threshold > 0)
-        ):
-            raise ValueError(f"fit_outlier_threshold must be a positive finite number, got {threshold!r}")
-        if self.fit_outlier_average not in _AVERAGES:
-            raise ValueError(
-                f"fit_outlier_average must be one of {sorted(_AVERAGES)}, got {self.fit_outlier_average!r}"
-            )
-        iterations = self.fit_max_rej_iter
-        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
-            raise ValueError(f"fit_max_rej_iter must be an integer >= 0, got {iterations!r}")
-        if self.scatter_quantity not in _SCATTER_QUANTITIES:
-            raise ValueError(
-                f"scatter_quantity must be one of {list(_SCATTER_QUANTITIES)}, got {self.scatter_quantity!r}"
-            )
+        check_positive_finite("fit_outlier_threshold", self.fit_outlier_threshold)
+        check_choice("fit_outlier_average", self.fit_outlier_average, _AVERAGES)
+        check_count("fit_max_rej_iter", self.fit_max_rej_iter)
+        check_choice("scatter_quantity", self.scatter_quantity, SCATTER_QUANTITIES)
 
 
 @dataclass

@@ -42,15 +42,18 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
+
+from ..checks import check_choice, check_count, check_positive_finite
 
 if TYPE_CHECKING:  # xarray (and pandas under it) costs ~0.35 s to import: only where it is used
     import xarray as xr
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
+    "DEFAULT_BLOCK_MIB",
     "STATISTIC_NAMES",
     "RejectionParameters",
     "enough_flags",
@@ -59,11 +62,14 @@ __all__ = [
     "source_statistics_dask",
 ]
 
-REJECTION_CENTERS = ("median", "mean")
-REJECTION_UNITS = ("stddev", "meddev", "absolute")
+RejectionCenter = Literal["median", "mean"]
+RejectionUnits = Literal["stddev", "meddev", "absolute"]
+REJECTION_CENTERS = get_args(RejectionCenter)
+REJECTION_UNITS = get_args(RejectionUnits)
 
-DEFAULT_BLOCK_BYTES = 64 * 2**20
-"""Default size of one source block of one input array in :func:`source_statistics_dask` (64 MiB)."""
+DEFAULT_BLOCK_MIB = 64
+"""Default size of one source block of one input array in :func:`source_statistics_dask`, in MiB."""
+DEFAULT_BLOCK_BYTES = DEFAULT_BLOCK_MIB * 2**20
 
 _KEYS = ("full_count", "rejected_count", "center", "mediandev", "medianmeddev")
 _MAG_NAMES = ("full_count", "rejected_count", "magnitude", "mediandev", "medianmeddev")
@@ -101,35 +107,20 @@ class RejectionParameters:
 
     outlier_threshold: float = 5.0
     max_rejection_iterations: int = 10
-    rejection_center: str = "median"
-    rejection_units: str = "meddev"
+    rejection_center: RejectionCenter = "median"
+    rejection_units: RejectionUnits = "meddev"
 
     def __post_init__(self):
-        threshold = self.outlier_threshold
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, numbers.Real)
-            or not np.isfinite(threshold)
-            or threshold <= 0
-        ):
-            raise ValueError(f"outlier_threshold must be a positive finite number, got {threshold!r}")
-        object.__setattr__(self, "outlier_threshold", float(threshold))
-
-        iterations = self.max_rejection_iterations
-        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
-            raise ValueError(f"max_rejection_iterations must be an integer >= 0, got {iterations!r}")
-        object.__setattr__(self, "max_rejection_iterations", int(iterations))
-
-        if self.rejection_center not in REJECTION_CENTERS:
-            raise ValueError(
-                f"rejection_center must be one of {', '.join(map(repr, REJECTION_CENTERS))}, "
-                f"got {self.rejection_center!r}"
-            )
-        if self.rejection_units not in REJECTION_UNITS:
-            raise ValueError(
-                f"rejection_units must be one of {', '.join(map(repr, REJECTION_UNITS))}, "
-                f"got {self.rejection_units!r}"
-            )
+        object.__setattr__(
+            self, "outlier_threshold", check_positive_finite("outlier_threshold", self.outlier_threshold)
+        )
+        object.__setattr__(
+            self,
+            "max_rejection_iterations",
+            check_count("max_rejection_iterations", self.max_rejection_iterations),
+        )
+        check_choice("rejection_center", self.rejection_center, REJECTION_CENTERS)
+        check_choice("rejection_units", self.rejection_units, REJECTION_UNITS)
 
     def as_attrs(self) -> dict:
         """Return the parameters as a plain dict (for dataset attributes and headers)."""

@@ -33,7 +33,7 @@ from .fits import write_master, write_statistics_table
 from .fitterms import FitTerms, parse_fit_terms
 from .parameters import MasterParameters, master_header
 from .scatter import fit_scatter
-from .stats import enough_flags, source_statistics, source_statistics_dask
+from .stats import DEFAULT_BLOCK_BYTES, enough_flags, source_statistics, source_statistics_dask
 
 if TYPE_CHECKING:  # xarray (and pandas under it) costs ~0.35 s to import: only where it is used
     import xarray as xr
@@ -80,7 +80,7 @@ def validate_fit_terms(fit_terms: str, catalog) -> FitTerms:
     return terms
 
 
-def compute_statistics(store, params: MasterParameters, block_bytes: int = 64 * 2**20) -> str:
+def compute_statistics(store, params: MasterParameters, block_bytes: int = DEFAULT_BLOCK_BYTES) -> str:
     """Statistics with iterative rejection over the ingested frames (SPEC 3), stored in the store.
 
     Parameters

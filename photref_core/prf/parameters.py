@@ -9,8 +9,12 @@ import numpy as np
 
 __all__ = [
     "PRF_DEFAULTS",
+    "PSF_ZERO_POINT",
     "PRFParameters",
 ]
+
+PSF_ZERO_POINT = 25.0
+"""Default zero point of the PSF magnitudes added to the store (``mag = ZP - 2.5 log10 flux``)."""
 
 
 @dataclass(eq=False)

@@ -21,7 +21,7 @@ from ..ingest.arrays import add_photometry
 from ..ingest.images import GROUP, ingested_frames, load_images, open_image_group
 from ..store.schema import open_group, open_store, store_exists
 from .model import PRFModel
-from .parameters import PRFParameters
+from .parameters import PSF_ZERO_POINT, PRFParameters
 
 __all__ = [
     "add_psf_photometry",
@@ -175,7 +175,7 @@ def prf_model_key(store, params: PRFParameters, catalog_path) -> str:
     return keys.prf_model_key(version, params, catalog_path)
 
 
-def add_psf_photometry(store, flux_group: str, zero_point: float = 25.0, name: str = "psf") -> dict:
+def add_psf_photometry(store, flux_group: str, zero_point: float = PSF_ZERO_POINT, name: str = "psf") -> dict:
     """Add the PRF fluxes to the field's photometry store as one more photometry (SPEC 6).
 
     mag = zero_point - 2.5 log10(flux), mag_err = 2.5 / ln(10) x flux_err / flux; fluxes that are not

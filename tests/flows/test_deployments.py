@@ -276,6 +276,49 @@ def test_settings_are_validated_without_a_server():
         assert field_name in str(info.value)
 
 
+def test_prefect_yaml_parameters_are_the_flows_parameters():
+    """Every deployment of prefect.yaml names a flow parameter or settings field that exists and passes the
+    flow's own validation; the values it leaves out are the parameter objects' defaults."""
+    import importlib
+
+    import yaml
+
+    from flows.nightly import NightlySettings
+    from photref_core.master.parameters import MASTER_DEFAULTS
+
+    def fill(value):  # what `prefect deploy` does with the {{ $VAR }} placeholders
+        if isinstance(value, str) and value.startswith("{{"):
+            return "/data/" + value.strip("{} $").lower()
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return value
+
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    assert {d["name"] for d in spec["deployments"]} == {"nightly", "manual"}
+    for deployment in spec["deployments"]:
+        entry = deployment["entrypoint"]
+        module, name = entry.split(":") if ":" in entry else entry.rsplit(".", 1)
+        module = module.removesuffix(".py").replace("/", ".")
+        flow = getattr(importlib.import_module(module), name)
+        parameters = fill(deployment["parameters"])
+        assert set(parameters) <= set(flow.parameters.properties), (entry, sorted(parameters))
+        validated = flow.validate_parameters(parameters)  # raises on a bad name, type or value
+        if "settings" in validated:
+            settings = validated["settings"]
+            assert isinstance(settings, NightlySettings)
+            assert {k: getattr(settings, k) for k in MASTER_DEFAULTS} == MASTER_DEFAULTS
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.nightly import nightly_master
+
+    bad = fill(spec["deployments"][0]["parameters"])
+    bad["settings"]["outlier_threshold"] = -1
+    with pytest.raises(ParameterTypeError, match="outlier_threshold"):
+        nightly_master.validate_parameters(bad)
+
+
 def _import_serve():
     sys.path.insert(0, str(ROOT / "deployments"))
     try:

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import xarray as xr
 from astropy.io import fits
+from pydantic import ValidationError
 
 from photref_core.errors import FitTermsError
 from photref_core.master.fits import read_master
+from photref_core.master.parameters import MasterParameters
 from photref_core.master.stats import RejectionParameters, enough_flags, source_statistics
 from photref_core.master.steps import load_results
 from photref_core.store.schema import open_store
@@ -173,7 +175,9 @@ def test_caching_unchanged_new_frame_and_changed_threshold(prefect_server, field
     assert subflow_names(run2) == []
 
     # A changed fit threshold: statistics cached, fit and products run again.
-    p3, states3, _ = run_with_state(store, catalog, output, frames=first, fit_outlier_threshold=2.5)
+    p3, states3, _ = run_with_state(
+        store, catalog, output, frames=first, params=MasterParameters(fit_outlier_threshold=2.5)
+    )
     assert states3["statistics " + str(store)] == "Cached"
     assert [v for k, v in states3.items() if k.startswith("scatter fit")] == ["Completed"]
     assert states3[f"write {output}"] == "Completed"
@@ -198,12 +202,16 @@ def test_cache_never_hands_back_a_master_overwritten_by_other_parameters(prefect
     root, frames, catalog = field
     store, output = tmp_path / "s.zarr", tmp_path / "master.fits"
     paths = [str(p) for p in frames]
-    run_with_state(store, catalog, output, frames=paths, fit_outlier_threshold=3.0)
-    _, states, _ = run_with_state(store, catalog, output, frames=paths, fit_outlier_threshold=4.0)
+    run_with_state(store, catalog, output, frames=paths, params=MasterParameters(fit_outlier_threshold=3.0))
+    _, states, _ = run_with_state(
+        store, catalog, output, frames=paths, params=MasterParameters(fit_outlier_threshold=4.0)
+    )
     assert states[f"write {output}"] == "Completed"
     with fits.open(output) as hdul:
         assert hdul[0].header["OUTL_THR"] == 4.0
-    again, states, run_id = run_with_state(store, catalog, output, frames=paths, fit_outlier_threshold=3.0)
+    again, states, run_id = run_with_state(
+        store, catalog, output, frames=paths, params=MasterParameters(fit_outlier_threshold=3.0)
+    )
     assert states["statistics " + str(store)] == "Cached"  # what is still valid stays cached
     # The cached write was refused (the file is not the one it wrote) and the step ran again.
     assert [s for name, s in task_runs(run_id) if name == f"write {output}"] == ["Cached", "Completed"]
@@ -211,7 +219,9 @@ def test_cache_never_hands_back_a_master_overwritten_by_other_parameters(prefect
         assert hdul[0].header["OUTL_THR"] == 3.0
     # And now unchanged: served from the cache, the file untouched.
     mtime = output.stat().st_mtime_ns
-    _, states, _ = run_with_state(store, catalog, output, frames=paths, fit_outlier_threshold=3.0)
+    _, states, _ = run_with_state(
+        store, catalog, output, frames=paths, params=MasterParameters(fit_outlier_threshold=3.0)
+    )
     assert states[f"write {output}"] == "Cached"
     assert output.stat().st_mtime_ns == mtime
 
@@ -236,16 +246,17 @@ def test_bad_fit_terms_fail_before_any_work(prefect_server, field, tmp_path):
             catalog,
             tmp_path / "m.fits",
             frames=[str(p) for p in frames],
-            fit_terms="O2{no_such_column}",
+            params=MasterParameters(fit_terms="O2{no_such_column}"),
         )
     assert not store.exists()
-    with pytest.raises(FitTermsError, match="__import__"):
+    # A grammar error is refused when the parameters are built (a ValueError naming the field).
+    with pytest.raises(ValidationError, match=r"fit_terms[\s\S]*__import__"):
         run(
             store,
             catalog,
             tmp_path / "m.fits",
             frames=[str(p) for p in frames],
-            fit_terms="__import__('os').system('touch pwned')",
+            params=MasterParameters(fit_terms="__import__('os').system('touch pwned')"),
         )
     assert not store.exists() and not Path("pwned").exists()
 
@@ -254,15 +265,15 @@ def test_bad_parameter_refused_by_the_flow(prefect_server, field, tmp_path):
     from prefect.exceptions import ParameterTypeError
 
     root, frames, catalog = field
-    with pytest.raises(ParameterTypeError):
-        run(tmp_path / "s.zarr", catalog, tmp_path / "m.fits", rejection_center="mode")
+    # The parameters as JSON (what a deployment or the UI sends) are validated by the flow.
+    with pytest.raises(ParameterTypeError, match="rejection_center"):
+        run(tmp_path / "s.zarr", catalog, tmp_path / "m.fits", params={"rejection_center": "mode"})
 
 
 def test_dask_statistics_from_store_match_memory(field, tmp_path):
     """The out-of-core path through the store equals the in-memory statistics, with tiny blocks."""
     from photref_core.catalog import read_catalog
     from photref_core.ingest.photometry import finalize_ingestion, ingest_batch, plan_ingestion
-    from photref_core.master.parameters import MasterParameters
     from photref_core.master.steps import compute_statistics
 
     root, frames, catalog = field

@@ -13,6 +13,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from photref_core.ingest.readers import read_image
+from photref_core.master.parameters import MasterParameters
 from photref_core.prf.model import PRFModel
 from photref_core.prf.parameters import PRFParameters
 
@@ -163,8 +164,7 @@ def test_psf_photometry_feeds_the_master(prefect_server, images, tmp_path):
         store=str(store),
         catalog=str(catalog),
         output=str(tmp_path / "m.fits"),
-        fit_terms="O1{magnitude}",
-        min_nobs_median_fraction=0.0,
+        params=MasterParameters(fit_terms="O1{magnitude}", min_nobs_median_fraction=0.0),
     )
     phot = read_master(master["master"])["photometries"][0]
     assert len(phot) > 10

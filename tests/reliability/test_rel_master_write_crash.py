@@ -45,7 +45,7 @@ def test_crash_inside_write_master_keeps_the_old_master(launcher, rel_field, cle
         output=str(output),
         frames=rel_field.frames,
         plots=False,
-        fit_outlier_threshold=2.5,
+        params={"fit_outlier_threshold": 2.5},  # JSON for the child; the flow validates it
     )
     with FileWatcher({output: names}) as watcher:
         child = launcher.start({"flow": "master", "kwargs": kwargs, "pause": pause}, tmp_path, "writer")
