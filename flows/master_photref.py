@@ -2,15 +2,20 @@
 
 DAG::
 
-    [ingest-frames subflow] -> statistics -> scatter-fit -> master-products -> summary artifacts
-                                                                                (when written now)
+    ingestion-needed -> [ingest-frames subflow] -> statistics -> scatter-fit -> master-products
+                                                                   -> summary artifacts (when written now)
+
+(each cached step followed by its ``result-exists`` / ``products-intact`` check)
 
 Before any task, the flow reads the catalog and checks the fit-terms expression against it (a bad one
 fails the run at once, with the offending text); that check is flow code, not a task, as it does no work
 worth a task run of its own (transient read errors are retried in place).
 
 The ingestion subflow runs when frames are given and one of them is new or changed (or the catalog adds
-stars); otherwise it is left out (a read-only check of the store, logged).
+stars); otherwise it is left out (the read-only ``ingestion-needed`` task, logged).
+
+Every read of the store that decides what runs is a task (retried on transient I/O, shown in the UI):
+``ingestion-needed``, and after each cached step the check that its result is still there.
 
 Every step is cached: an unchanged re-run returns at once; new frames change the store's content
 version, so the statistics and everything after them run again; a changed fit threshold re-runs only the
@@ -23,34 +28,23 @@ built since under the same keys).
 from __future__ import annotations
 
 import os
-from functools import partial
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
 from photref_core.catalog import read_catalog
-from photref_core.errors import BadInputError, StoreError, retry_transient
-from photref_core.ingest.photometry import ingestion_needed
+from photref_core.errors import retry_transient
 from photref_core.master.parameters import MasterParameters
 from photref_core.master.stats import DEFAULT_BLOCK_MIB
-from photref_core.master.steps import products_intact, statistics_path, validate_fit_terms
-from photref_core.store.groups import group_exists
+from photref_core.master.steps import statistics_path, validate_fit_terms
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
-from tasks.master import compute_statistics, fit_statistics, write_products
+from tasks.ingest import ingestion_needed
+from tasks.master import compute_statistics, fit_statistics, group_exists, products_intact, write_products
 
 from .artifacts import publish_master_artifacts
 from .ingest import expand_frame_paths, ingest_frames
 from .runners import make_task_runner, run_by_hand
-
-
-def _ingestion_needed(store: str, frames: list[str], catalog) -> bool:
-    """Whether the ingestion subflow has anything to do (a read-only check, much cheaper than a subflow
-    run); when the check cannot tell (an I/O error), the subflow runs and reports."""
-    try:
-        return ingestion_needed(store, expand_frame_paths(frames), catalog)
-    except (OSError, StoreError, BadInputError):
-        return True
 
 
 def _run_step(task, args: tuple, still_valid) -> tuple[object, bool]:
@@ -113,7 +107,7 @@ def build_master_photref(
     catalog_table = retry_transient(read_catalog, catalog)
     term_names = validate_fit_terms(params.fit_terms, catalog_table).term_names
     with store_run(store, timeout=lock_timeout):
-        if frames and _ingestion_needed(store, frames, catalog_table):
+        if frames and ingestion_needed(store, expand_frame_paths(frames), catalog_table):
             # The ingestion subflow runs on this run's task runner (threads or the Dask cluster).
             runner = FlowRunContext.get().task_runner.duplicate()
             ingest_frames.with_options(task_runner=runner)(
@@ -125,7 +119,10 @@ def build_master_photref(
         # Each step is submitted to the task runner (so it runs on the Dask cluster when there is one)
         # and awaited: the next step needs its result.
         block_bytes = max(1, int(block_mib * 2**20))
-        has_group = partial(group_exists, store)
+
+        def has_group(name: str) -> bool:
+            return group_exists(store, name)
+
         stats_group, _ = _run_step(compute_statistics, (store, params, block_bytes), has_group)
         fit_group, _ = _run_step(fit_statistics, (store, stats_group, catalog, params), has_group)
         products, unchanged = _run_step(

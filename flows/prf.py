@@ -3,7 +3,8 @@
 DAG::
 
     plan-image-ingestion -> ingest-image-chunk x N -> finalize-image-ingestion
-        -> prf-shape-model -> create-flux-arrays -> prf-fit-chunk x M (parallel) -> prf-products
+        -> prf-model-key -> prf-shape-model -> create-flux-arrays
+        -> frame-chunks -> prf-fit-chunk x M (parallel) -> prf-products
 
 The shape model is cached on the images ingested, the PRF parameters, the catalog file and the code
 version; each frame chunk's fit is cached on the model and its frames, so an unchanged re-run and a run
@@ -19,7 +20,6 @@ from prefect import flow
 from prefect.futures import as_completed
 
 from photref_core.prf.parameters import PRF_DEFAULTS, PSF_ZERO_POINT, PRFParameters
-from photref_core.prf.steps import frame_chunks, prf_model_key
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks.prf import (
@@ -28,8 +28,10 @@ from tasks.prf import (
     create_flux_arrays,
     finalize_image_ingestion,
     fit_frame_chunk,
+    frame_chunks,
     ingest_image_batch,
     plan_image_ingestion,
+    prf_model_key,
     write_prf_products,
 )
 

@@ -24,7 +24,9 @@ __all__ = [
     "file_key",
     "fit_key",
     "hash_arrays",
+    "prf_fit_task_key",
     "prf_model_key",
+    "prf_model_task_key",
     "statistics_key",
 ]
 
@@ -102,3 +104,13 @@ def prf_model_key(content_version: str, params, catalog_path) -> str:
     """Key of a PRF shape model: the images ingested (their content version), the parameters and the
     catalog file."""
     return digest("prf-model", content_version, params.to_dict(), file_key(catalog_path))
+
+
+def prf_model_task_key(model_key: str) -> str:
+    """Prefect cache key of the shape-model task: the model's key and the code version."""
+    return f"prf-model-{code_version()}-{model_key}"
+
+
+def prf_fit_task_key(flux_group: str, slots: Sequence[int]) -> str:
+    """Prefect cache key of one frame chunk's flux fit: the flux group (it names the model) and the chunk."""
+    return f"prf-fit-{code_version()}-{flux_group}-{slots[0]}-{slots[-1]}-{len(slots)}"

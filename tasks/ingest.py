@@ -11,12 +11,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from photref_core.catalog import read_catalog
+from photref_core.errors import BadInputError, StoreError, is_transient
 from photref_core.ingest import photometry
 from photref_core.store.frames import FrameBatch, FrameResult, IngestionPlan
 
 from .common import IO_RETRY
 
-__all__ = ["finalize_ingestion", "ingest_batch", "plan_ingestion"]
+__all__ = ["finalize_ingestion", "ingest_batch", "ingestion_needed", "plan_ingestion"]
 
 
 @task(
@@ -55,3 +56,18 @@ def ingest_batch(store: str, batch: FrameBatch, strict: bool) -> list[FrameResul
 def finalize_ingestion(store: str, results: list[FrameResult]) -> dict:
     """Record quarantines and the store's new content version."""
     return photometry.finalize_ingestion(store, results)
+
+
+@task(name="ingestion-needed", task_run_name="new frames? {store}", cache_policy=NO_CACHE, **IO_RETRY)
+def ingestion_needed(store: str, frame_paths: list[str], catalog) -> bool:
+    """Whether the ingestion has anything to do (a read-only check, much cheaper than its subflow run).
+
+    When the check cannot tell (a store or file it cannot read, after the retries of a transient error),
+    the answer is True: the ingestion then runs and reports the problem where it belongs.
+    """
+    try:
+        return photometry.ingestion_needed(store, frame_paths, catalog)
+    except (OSError, StoreError, BadInputError) as exc:
+        if is_transient(exc):
+            raise  # retried
+        return True

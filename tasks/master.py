@@ -12,15 +12,17 @@ from __future__ import annotations
 import os
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from photref_core import keys
 from photref_core.master import steps
 from photref_core.master.parameters import MasterParameters
+from photref_core.store import groups
 from photref_core.store.schema import open_store
 
 from .common import IO_RETRY
 
-__all__ = ["compute_statistics", "fit_statistics", "write_products"]
+__all__ = ["compute_statistics", "fit_statistics", "group_exists", "products_intact", "write_products"]
 
 
 def _statistics_key(context, parameters) -> str:
@@ -111,3 +113,19 @@ def write_products(
     return steps.write_products(
         store, statistics_group, fit_group, catalog, output, params, extra_header=extra_header, plots=plots
     )
+
+
+# The checks that a cached step's result is still there (a pruned store group, a deleted or overwritten
+# file): tasks, so that a transient read error is retried and the check shows in the UI.
+
+
+@task(name="result-exists", task_run_name="check {name}", cache_policy=NO_CACHE, **IO_RETRY)
+def group_exists(store: str, name: str) -> bool:
+    """Whether a cached step's result group is still in the store."""
+    return groups.group_exists(store, name)
+
+
+@task(name="products-intact", task_run_name="check products", cache_policy=NO_CACHE, **IO_RETRY)
+def products_intact(products: dict) -> bool:
+    """Whether the files of a cached :func:`write_products` result are still as it wrote them."""
+    return steps.products_intact(products)

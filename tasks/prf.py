@@ -11,8 +11,8 @@ import os
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from photref_core import keys
 from photref_core.ingest import images as core_images
-from photref_core.keys import code_version
 from photref_core.prf import steps
 from photref_core.prf.parameters import PRFParameters
 
@@ -24,8 +24,10 @@ __all__ = [
     "create_flux_arrays",
     "finalize_image_ingestion",
     "fit_frame_chunk",
+    "frame_chunks",
     "ingest_image_batch",
     "plan_image_ingestion",
+    "prf_model_key",
     "write_prf_products",
 ]
 
@@ -51,7 +53,19 @@ def finalize_image_ingestion(store: str, results: list) -> dict:
 
 
 def _model_key(context, parameters) -> str:
-    return f"prf-model-{code_version()}-{parameters['key']}"
+    return keys.prf_model_task_key(parameters["key"])
+
+
+@task(name="prf-model-key", task_run_name="model key {store}", cache_policy=NO_CACHE, **IO_RETRY)
+def prf_model_key(store: str, params: PRFParameters, catalog: str) -> str:
+    """The shape model's key: the images ingested (the store's content version), parameters, catalog."""
+    return steps.prf_model_key(store, params, catalog)
+
+
+@task(name="frame-chunks", task_run_name="frame chunks {store}", cache_policy=NO_CACHE, **IO_RETRY)
+def frame_chunks(store: str) -> list[list[int]]:
+    """The ingested frames' slots, one list per chunk of the pixel group: the fit fan-out's units."""
+    return steps.frame_chunks(store)
 
 
 @task(name="prf-shape-model", task_run_name="shape model {key}", cache_key_fn=_model_key, **IO_RETRY)
@@ -67,8 +81,7 @@ def create_flux_arrays(store: str, model_group: str, key: str) -> str:
 
 
 def _fit_key(context, parameters) -> str:
-    slots = parameters["slots"]
-    return f"prf-fit-{code_version()}-{parameters['flux_group']}-{slots[0]}-{slots[-1]}-{len(slots)}"
+    return keys.prf_fit_task_key(parameters["flux_group"], parameters["slots"])
 
 
 @task(name="prf-fit-chunk", task_run_name="fit frames from {slots[0]}", cache_key_fn=_fit_key, **IO_RETRY)
