@@ -25,6 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from photref_core._atomic import pid_alive
+
 __all__ = [
     "DEFAULT_PORT",
     "connect_to_server",
@@ -120,16 +122,6 @@ def _free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _prefect_command() -> list[str]:
     """The ``prefect`` CLI of this environment (beside this Python, else on PATH)."""
     beside = Path(sys.executable).with_name("prefect")
@@ -168,7 +160,7 @@ def start_server(host: str = "127.0.0.1", port: int | None = None, timeout: floa
     if url:
         return url
     pid = _server_pid()
-    if pid is not None and not _alive(pid):  # a server that died: Prefect would refuse to start another
+    if pid is not None and not pid_alive(pid):  # a server that died: Prefect would refuse to start another
         (prefect_home() / _PID_FILE).unlink(missing_ok=True)
     elif pid is not None:
         raise RuntimeError(
@@ -206,7 +198,7 @@ def stop_server() -> bool:
     env = os.environ | {"PREFECT_HOME": str(prefect_home())}
     subprocess.run([*_prefect_command(), "server", "stop"], env=env, capture_output=True, check=False)
     deadline = time.monotonic() + 15
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     return True
 

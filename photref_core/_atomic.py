@@ -20,6 +20,7 @@ __all__ = [
     "atomic_write",
     "atomic_writeto",
     "fsync_directory",
+    "pid_alive",
     "remove_stale_temporaries",
 ]
 
@@ -51,7 +52,7 @@ def remove_stale_temporaries(path) -> list[str]:
             pid = int(tmp.name[len(path.name) + 6 :].split("-")[0])
         except ValueError:
             continue
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -59,7 +60,8 @@ def remove_stale_temporaries(path) -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,20 +1,6 @@
 """PRF photometry (SPEC 6): parameters, geometry, shape model, per-frame solver, the model, the steps."""
 
-from .._lazy import lazy_exports
+from .._lazy import lazy_package
 
-# name -> submodule; imported on first use (see photref_core._lazy)
-_EXPORTS = {
-    "Geometry": ".geometry",
-    "build_geometry": ".geometry",
-    "PRFModel": ".model",
-    "PSFMetrics": ".model",
-    "PRFParameters": ".parameters",
-    "ShapeModel": ".shape",
-    "FLAG_LOW_COVERAGE": ".solver",
-    "FLAG_SOLVE_FAILED": ".solver",
-    "FitResult": ".solver",
-}
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-__all__ = sorted(_EXPORTS)
+# Every name of the modules' __all__, imported on first use (see photref_core._lazy).
+__getattr__, __dir__, __all__ = lazy_package(__name__, __file__)

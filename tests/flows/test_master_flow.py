@@ -311,6 +311,21 @@ def test_runs_by_hand_have_no_heartbeat_unless_one_is_configured(prefect_server)
         assert run_by_hand(heartbeat_frequency) == 60
 
 
+def test_the_private_prefect_attribute_the_hand_runs_rely_on_exists():
+    """flows.runners.api_client sets a private attribute of Prefect's SyncClientContext; an upgrade that
+    removes it must fail here, loudly, not slow every hand run down in silence."""
+    from prefect.context import SyncClientContext
+
+    from flows.runners import PRIVATE_HTTPX_SETTINGS
+
+    context = SyncClientContext(httpx_settings={"verify": True})
+    assert hasattr(context, PRIVATE_HTTPX_SETTINGS), (
+        f"Prefect's SyncClientContext has no {PRIVATE_HTTPX_SETTINGS} any more: find the public way for "
+        "flows.runners.api_client to share one client"
+    )
+    assert getattr(context, PRIVATE_HTTPX_SETTINGS) == {"verify": True}
+
+
 def test_hand_runs_share_one_client_setup_and_prefects_default_storage(prefect_server):
     """run_by_hand reuses Prefect's per-run objects: the run's client is the one every get_client() in it
     hands out, its TLS context is built once per process, and results go where Prefect's default would
