@@ -52,85 +52,32 @@ What it does
 Decisions where SPEC 6 is silent are documented on :class:`PRFParameters` and :meth:`PRFModel.fit`.
 No time model (psfmachine's perturbation model) is built: :meth:`PRFModel.get_psf_metrics` says so.
 
-The pieces live in their own modules: :mod:`.parameters`, :mod:`.geometry`, :mod:`.shape`, :mod:`.solver`;
-:mod:`.steps` runs them over the store.
+:class:`PRFModel` is the face; the work lives in modules cut along its jobs: :mod:`.parameters`,
+:mod:`.inputs` (checks, reference images), :mod:`.geometry`, :mod:`.cache` (geometry, mean model and solve
+plan per frame WCS), :mod:`.shape` (the basis), :mod:`.shapefit` (steps 2-3), :mod:`.refine`,
+:mod:`.solver` and :mod:`.fluxfit` (step 5), :mod:`.metrics`, :mod:`.serialise`; :mod:`.steps` runs them
+over the store.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field
-
 import numpy as np
-from astropy.io import fits
-from astropy.wcs import WCS
 from scipy import sparse
-from threadpoolctl import threadpool_limits
 
 from ..errors import BadInputError
 from ..ingest.readers import default_error
-from .geometry import Geometry, build_geometry
+from .cache import FrameModels
+from .fluxfit import fit_frames, solve_reference
+from .geometry import Geometry
+from .inputs import as_stack, check_frames, check_sources, mask_stack, per_frame_wcs, reference_epochs
+from .metrics import PSFMetrics, psf_metrics
 from .parameters import PRFParameters
-from .refine import JointPixels, refine_shape
-from .shape import GN_STEPS, ShapeModel, empirical_profile, fit_shape_weights, model_matrix, model_values
-from .solver import FLAG_LOW_COVERAGE, FLAG_SOLVE_FAILED, FitResult, SolvePlan, same_pattern
+from .serialise import load_model, model_from_arrays, model_to_arrays, save_model
+from .shape import ShapeModel
+from .shapefit import fit_shape
+from .solver import FitResult, SolvePlan
 
-__all__ = [
-    "PRFModel",
-    "PSFMetrics",
-]
-
-
-_CACHE_SIZE = 8  # geometries / mean models / solve plans kept per model (one per distinct WCS)
-
-
-_FORMAT_VERSION = 1
-
-
-@dataclass(eq=False)
-class PSFMetrics:
-    """Diagnostics of the model (psfmachine's ``get_psf_metrics``).
-
-    Attributes
-    ----------
-    source_psf_fraction : numpy.ndarray
-        (nsources,) fraction of each source's model (its flux inside ``rmax``) that lands on the frame,
-        integrated with sub-pixel sampling (1 for a star fully on the frame).
-    perturbed_ratio_mean, perturbed_std : numpy.ndarray or None
-        psfmachine derives these from its time (perturbation) model; this implementation builds no time
-        model, so they are ``None``.
-    """
-
-    source_psf_fraction: np.ndarray
-    perturbed_ratio_mean: np.ndarray | None = None
-    perturbed_std: np.ndarray | None = None
-    notes: dict = field(default_factory=dict)
-
-
-def _wcs_key(wcs, shape) -> str:
-    """Identity of a frame's pixel-to-sky mapping: the sky positions of a 9 x 9 grid of pixels.
-
-    Numeric rather than the header text, so that WCS objects read from frames that differ only in time
-    keywords (MJD-OBS, DATE-OBS, ...) share one geometry, mean model and solve plan.
-    """
-    ny, nx = (int(s) for s in shape)
-    gx, gy = np.meshgrid(np.linspace(-0.5, nx - 0.5, 9), np.linspace(-0.5, ny - 0.5, 9))
-    with np.errstate(invalid="ignore"):
-        ra, dec = wcs.celestial.all_pix2world(gx.ravel(), gy.ravel(), 0)
-    sky = np.round(np.concatenate([ra, dec]), 10)  # 1e-10 deg = 0.4 micro-arcsec
-    return f"{ny}x{nx}|" + sky.tobytes().hex()
-
-
-def _as_stack(a, name, dtype=None):
-    a = np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
-    if a.ndim == 2:
-        a = a[None]
-    if a.ndim != 3:
-        raise ValueError(
-            f"{name} must be an image (ny, nx) or a stack (nframes, ny, nx), got shape {a.shape}"
-        )
-    return a
+__all__ = ["PRFModel"]
 
 
 class PRFModel:
@@ -173,38 +120,16 @@ class PRFModel:
         self.uncontaminated_source_mask = None
         self.shape_data = None  # subsample of the last shape fit's data, for plots
         self.diagnostics = {}
-        self._cache = {}
-        self._keys = {}
+        self.frames = FrameModels(
+            self.shape, self.ra, self.dec, params.sparse_dist_lim, wcs, self.image_shape
+        )
 
     @property
     def nsources(self) -> int:
         """Number of sources."""
         return self.ra.size
 
-    # -- geometry and mean model for any WCS -------------------------------------------------------------
-    def _entry(self, wcs=None, shape=None):
-        wcs = self.wcs if wcs is None else wcs
-        shape = self.image_shape if shape is None else tuple(int(x) for x in shape)
-        memo = self._keys.get((id(wcs), shape))
-        if memo is None or memo[0] is not wcs:
-            memo = (wcs, _wcs_key(wcs, shape))  # holds the object, so its id cannot be reused
-            self._keys[(id(wcs), shape)] = memo
-        key = memo[1]
-        ent = self._cache.pop(key, None)
-        if ent is None:
-            ent = {"wcs": wcs, "shape": shape, "key": key}
-        self._cache[key] = ent  # most recently used last
-        if len(self._cache) > _CACHE_SIZE:  # per-frame WCS lists: evict the oldest, keep the reference
-            ref = self._keys.get((id(self.wcs), self.image_shape))
-            for k in list(self._cache):
-                if len(self._cache) <= _CACHE_SIZE:
-                    break
-                if k != key and (ref is None or k != ref[1]):
-                    del self._cache[k]
-            if len(self._keys) > 4 * _CACHE_SIZE:
-                self._keys = {k: v for k, v in self._keys.items() if v[1] in self._cache}
-        return ent
-
+    # -- geometry and mean model for any WCS (:mod:`.cache`) ---------------------------------------------
     def geometry(self, wcs=None, shape=None) -> Geometry:
         """Geometry of the sources on a frame with ``wcs`` (default: the reference WCS); cached.
 
@@ -217,12 +142,7 @@ class PRFModel:
         -------
         Geometry
         """
-        ent = self._entry(wcs, shape)
-        if "geom" not in ent:
-            ent["geom"] = build_geometry(
-                ent["wcs"], ent["shape"], self.ra, self.dec, self.params.sparse_dist_lim
-            )
-        return ent["geom"]
+        return self.frames.geometry(wcs, shape)
 
     def model_for(self, wcs=None, shape=None) -> sparse.csr_array:
         """The normalised mean model (nsources x npixels) on a frame with ``wcs``; cached.
@@ -236,28 +156,23 @@ class PRFModel:
         -------
         scipy.sparse.csr_array
         """
-        ent = self._entry(wcs, shape)
-        if "model" not in ent:
-            g = self.geometry(wcs, shape)
-            ent["model"] = model_matrix(self.shape, g)
-        return ent["model"]
+        return self.frames.model_for(wcs, shape)
 
     @property
     def mean_model(self) -> sparse.csr_array:
         """Normalised PRF of every source on the reference frame (nsources x npixels, CSR)."""
-        return self.model_for()
+        return self.frames.model_for()
 
     def _plan(self, wcs=None, shape=None) -> SolvePlan:
-        ent = self._entry(wcs, shape)
-        X = self.model_for(wcs, shape)
-        plan = ent.get("plan")
-        if plan is None or not same_pattern(plan, X):
-            plan = ent["plan"] = SolvePlan(X)
-            ent["plan_for"] = X
-        elif ent.get("plan_for") is not X:  # the shape changed, the geometry did not: new values only
-            plan.refresh(X)
-            ent["plan_for"] = X
-        return plan
+        return self.frames.plan(wcs, shape)
+
+    def _drop_models(self):
+        """Forget the model matrices after a change of the shape (geometry and plan structure stay)."""
+        self.frames.drop_models()
+
+    def _solve_reference(self, epoch, raw=False):
+        """Prior-free fit of a reference image (:func:`~.fluxfit.solve_reference`)."""
+        return solve_reference(self, epoch, raw=raw)
 
     # -- build ------------------------------------------------------------------------------------------
     @classmethod
@@ -343,51 +258,17 @@ class PRFModel:
         PRFModel
         """
         params = PRFParameters() if params is None else params.validate()
-        flux = _as_stack(flux, "flux")
+        flux = as_stack(flux, "flux")
         nt, ny, nx = flux.shape
-        err = default_error(flux, gain, rdnoise) if flux_err is None else _as_stack(flux_err, "flux_err")
+        err = default_error(flux, gain, rdnoise) if flux_err is None else as_stack(flux_err, "flux_err")
         if err.shape != flux.shape:
             raise ValueError(f"flux_err shape {err.shape} differs from flux shape {flux.shape}")
-        mask = _mask_stack(mask, flux.shape)
-        wcs_list = _wcs_list(wcs, nt)
-        ra = np.atleast_1d(np.asarray(ra, dtype=float))
-        dec = np.atleast_1d(np.asarray(dec, dtype=float))
-        f0 = np.atleast_1d(np.asarray(flux_estimate, dtype=float))
+        mask = mask_stack(mask, flux.shape)
+        wcs_list = per_frame_wcs(wcs, nt)
+        ra, dec, f0, sids = check_sources(ra, dec, flux_estimate, source_ids, params)
+        tm = check_frames(params, nt)
+        epochs = reference_epochs(flux, err, mask, wcs_list, tm, params.frame_index)
         ns = ra.size
-        if ns == 0:
-            raise ValueError("no sources given")
-        if dec.shape != ra.shape or f0.shape != ra.shape:
-            raise ValueError(
-                f"ra, dec and flux_estimate must have one entry per source ({ra.shape}, "
-                f"{dec.shape}, {f0.shape})"
-            )
-        if not (np.all(np.isfinite(ra)) and np.all(np.isfinite(dec))):
-            nbad = int(np.sum(~(np.isfinite(ra) & np.isfinite(dec))))
-            raise ValueError(f"{nbad} source(s) have non-finite ra/dec")
-        sids = np.arange(ns, dtype=np.int64) if source_ids is None else np.asarray(source_ids)
-        if sids.shape != ra.shape:
-            raise ValueError("source_ids must have one entry per source")
-        if sids.dtype.kind not in "iu":
-            raise ValueError(f"source_ids must be integers, got dtype {sids.dtype}")
-        sids = sids.astype(np.int64)
-        if np.unique(sids).size != ns:
-            raise ValueError("source_ids are not unique")
-        for name in ("prior_mu", "prior_sigma"):
-            v = getattr(params, name)
-            if v is not None and np.ndim(v) == 1 and np.size(v) != ns:
-                raise ValueError(f"PRF parameter {name} has {np.size(v)} entries for {ns} sources")
-        tm = np.ones(nt, bool) if params.time_mask is None else np.asarray(params.time_mask, bool)
-        if tm.shape != (nt,):
-            raise ValueError(f"PRF parameter time_mask has {tm.size} entries for {nt} frames")
-        if params.frame_index != "mean":
-            fi = int(params.frame_index)
-            if not -nt <= fi < nt:
-                raise ValueError(f"PRF parameter frame_index={fi} is out of range for {nt} frames")
-            if not tm[fi]:
-                raise ValueError(f"PRF parameter frame_index={fi} is excluded by time_mask")
-
-        epochs = _reference_epochs(flux, err, mask, wcs_list, tm, params.frame_index)
-        ref_wcs = epochs[0]["wcs"]
         model = cls(
             ShapeModel(params.n_r_knots, params.n_phi_knots, params.rmin, params.rmax, params.cut_r),
             params,
@@ -395,185 +276,15 @@ class PRFModel:
             dec,
             f0,
             sids,
-            ref_wcs,
+            epochs[0]["wcs"],
             (ny, nx),
             np.zeros(ns),
             np.full(ns, np.inf),
         )
-        model._fit_shape(epochs)
+        fit_shape(model, epochs)
         return model
 
-    def _fit_shape(self, epochs):
-        p = self.params
-        sm = self.shape
-        geoms = [self.geometry(e["wcs"]) for e in epochs]
-        ref_err = epochs[0]["err"][epochs[0]["good"]]
-        if p.flux_cut_off is not None:
-            cut = float(p.flux_cut_off)
-        else:
-            cut = 3.0 * float(np.median(ref_err)) if ref_err.size else 0.0
-        self.diagnostics["flux_cut_off"] = cut
-        self.diagnostics["crowded_fallback"] = False
-        F = np.where(np.isfinite(self.flux_estimate) & (self.flux_estimate > 0), self.flux_estimate, np.nan)
-        prof_r, prof_v = empirical_profile(geoms, epochs, F, p)
-        self.diagnostics["empirical_profile"] = (prof_r, prof_v)
-        # Prior on the shape weights: the empirical radial profile at each radial function's Greville point.
-        grev = np.array([np.mean(sm.r_knots[j + 1 : j + 4]) for j in range(sm.n_radial)])
-        lp = np.interp(grev, prof_r, np.log10(prof_v))
-        w_prior = np.concatenate([lp[: sm.n_cut], np.repeat(lp[sm.n_cut :], sm.n_phi_knots)])
-        mu_fit = err_fit = None
-        for it in range(p.shape_iterations):
-            data = []
-            masks = []
-            for ie, (e, g) in enumerate(zip(epochs, geoms, strict=True)):
-                emp = F[g.src] * np.interp(g.r, prof_r, prof_v)
-                if it == 0:
-                    est = emp
-                else:
-                    mvals = model_values(sm, g)
-                    est = np.where(g.r <= sm.rmax, F[g.src] * mvals, emp)
-                est = np.nan_to_num(est, nan=0.0)
-                smask = est > cut
-                count = np.bincount(g.pix[smask], minlength=g.npixels)
-                unc = smask & (count[g.pix] == 1)
-                masks.append((smask, unc))
-                img, er, good = e["flux"].ravel(), e["err"].ravel(), e["good"].ravel()
-                f = img[g.pix]
-                # Selected on the masks (model estimates), never on the data: no selection bias.
-                usable = (g.r <= sm.rmax) & good[g.pix] & (F[g.src] > 0)
-                sel = unc & usable
-                if p.crowded_dominance is not None and sel.sum() < 10 * sm.nbasis:
-                    # Crowded: too few uncontaminated pixels. Use the pixels the source dominates
-                    # (>= crowded_dominance of all sources' estimated flux there), with the other
-                    # sources' estimated flux subtracted.
-                    tot = np.bincount(g.pix, weights=est, minlength=g.npixels)[g.pix]
-                    sel = smask & usable & (est >= p.crowded_dominance * tot)
-                    f = f - (tot - est)
-                    self.diagnostics["crowded_fallback"] = True
-                q = f[sel] / F[g.src[sel]]
-                sq = er[g.pix[sel]] / F[g.src[sel]]
-                star = g.src[sel] + ie * self.nsources  # one log-flux offset per (epoch, source)
-                data.append((g.r[sel], g.phi[sel], q, sq, g.xi[sel], g.eta[sel], star))
-            r, phi, q, sq, xi, eta, src = (np.concatenate(a) for a in zip(*data, strict=True))
-            if np.sum(q > 0) < sm.nbasis:
-                raise ValueError(
-                    f"only {np.sum(q > 0)} uncontaminated pixels to fit a shape model of "
-                    f"{sm.nbasis} weights: lower flux_cut_off, fewer knots, or more/brighter "
-                    "sources"
-                )
-            # The Gauss-Newton refinement only matters for the final shape (earlier ones only set masks).
-            last = it == p.shape_iterations - 1
-            # Small dense solves (nbasis^2): one BLAS thread (measured: a 167 x 167 Cholesky took 116 ms
-            # under thread oversubscription, 0.15 ms on one thread).
-            with threadpool_limits(limits=1, user_api="blas"):
-                keep = fit_shape_weights(sm, r, phi, q, sq, src, w_prior, p, gn_steps=GN_STEPS if last else 0)
-            sm.normalise()
-            self._drop_models()
-            if last and p.refine_iterations:
-                self._refine_shape(epochs, geoms, w_prior)
-            # Fluxes on the reference image with this shape (prior-free): next shape fit's F, and the prior.
-            mu_fit, err_fit = self._solve_reference(epochs[0])
-            ok = np.isfinite(mu_fit) & (mu_fit > 0)
-            if ok.any():
-                ratio = np.nanmedian(mu_fit[ok] / np.where(F[ok] > 0, F[ok], np.nan))
-                F = np.where(ok, mu_fit, F * (ratio if np.isfinite(ratio) else 1.0))
-        g0 = geoms[0]
-        smask, unc = masks[0]
-        self.source_mask = g0.matrix(True, smask).astype(bool)
-        self.uncontaminated_source_mask = g0.matrix(True, unc).astype(bool)
-        n_keep = keep.sum()
-        sub = np.flatnonzero(keep & (q > 0))
-        if sub.size > 50_000:
-            sub = np.sort(np.random.default_rng(0).choice(sub, 50_000, replace=False))
-        self.shape_data = {
-            "r": r[sub],
-            "phi": phi[sub],
-            "y": np.log10(q[sub]),
-            "xi": xi[sub],
-            "eta": eta[sub],
-        }
-        self.diagnostics.update(n_shape_points=int(q.size), n_shape_kept=int(n_keep))
-        # The flux prior.
-        nref = epochs[0]["n_frames"]
-
-        if p.prior_mu is not None:
-            mu = np.broadcast_to(np.asarray(p.prior_mu, float), mu_fit.shape).copy()
-        else:
-            mu = mu_fit.copy()
-        if p.prior_sigma is not None:
-            sig = np.broadcast_to(np.asarray(p.prior_sigma, float), mu_fit.shape).copy()
-        else:
-            e1 = np.nan_to_num(err_fit, nan=0.0) * np.sqrt(nref)
-            sig = p.prior_sigma_factor * np.sqrt(np.nan_to_num(mu, nan=0.0) ** 2 + e1**2)
-            fin = np.isfinite(mu)
-            wide = p.prior_sigma_factor * (np.max(np.abs(mu[fin])) if fin.any() else 1.0)
-            sig = np.where(fin & (sig > 0), sig, wide if wide > 0 else 1.0)
-        mu = np.where(np.isfinite(mu), mu, 0.0)
-        self.prior_mu, self.prior_sigma = mu, sig
-        self.diagnostics["reference_flux"] = mu_fit
-        self.diagnostics["reference_flux_err"] = err_fit
-
-    def _drop_models(self):
-        """Forget the model matrices after a change of the shape (geometry and plan structure stay)."""
-        for ent in self._cache.values():
-            ent.pop("model", None)
-
-    def _refine_shape(self, epochs, geoms, w_prior):
-        """The joint all-pixel refinement of the shape on the reference image(s) (:mod:`.refine`)."""
-        problems = [JointPixels(self.shape, g, e) for e, g in zip(epochs, geoms, strict=True)]
-
-        def amplitudes():
-            return [self._solve_reference(e, raw=True)[0] for e in epochs]
-
-        self.diagnostics.update(
-            refine_shape(
-                self.shape, problems, amplitudes, w_prior, self.params, on_shape_change=self._drop_models
-            )
-        )
-
-    def _solve_reference(self, epoch, raw=False):
-        """Prior-free fit of a reference image (the mean frame): fluxes and errors (NaN where flagged;
-        ``raw``: the solution of every source, flagged or not, and no errors)."""
-        plan = self._plan(epoch["wcs"])
-        img = epoch["flux"].ravel()[None, :]
-        err = epoch["err"].ravel()[None, :]
-        bad = ~epoch["good"].ravel()[None, :]
-        res = self._solve_batch(
-            plan, img, err, bad, np.zeros(self.nsources), np.zeros(self.nsources), self.params.fit_background
-        )
-        if raw:
-            return res[6][0], None
-        return res[0][0], res[1][0]
-
-    # -- fit --------------------------------------------------------------------------------------------
-    def _solve_batch(self, plan, F, E, M, mu, isig2, fit_bg):
-        """Solve flattened frames (T, npix) on one plan; returns flux, err, flag, frac, bg, bgerr, w.
-
-        ``M`` is the (T, npix) bad-pixel mask or None. Only the model pixels are touched unless a
-        background is fitted (then every pixel enters the background sums). Everything is float64.
-        """
-        Fu, Wu, goodu = _gather(F, E, M, plan.pix_u)
-        bg = None
-        if fit_bg:
-            s = np.zeros(F.shape[0])
-            c = np.zeros(F.shape[0])
-            for t in range(F.shape[0]):  # per frame: no (T, npix) float64 temporaries
-                _, wt, _ = _gather(F[t : t + 1], E[t : t + 1], None if M is None else M[t : t + 1], None)
-                ft = np.where(wt[0] > 0, F[t], 0.0).astype(float)
-                s[t], c[t] = wt.sum(), float(wt[0] @ ft)
-            bg = (s, c)
-        w, var, bgw, bgvar, failed = plan.solve(Fu, Wu, mu, isig2, bg)
-        frac = (plan.Xc @ goodu.T.astype(float)).T
-        flag = np.zeros(w.shape, np.int16)
-        low = frac < self.params.min_good_fraction
-        flag[low] |= FLAG_LOW_COVERAGE
-        bad = failed | ~np.isfinite(w) | ~(var >= 0)
-        flag[bad & ~low] |= FLAG_SOLVE_FAILED
-        out = np.where(flag == 0, w, np.nan)
-        out_err = np.where(flag == 0, np.sqrt(np.where(var >= 0, var, np.nan)), np.nan)
-        bge = np.sqrt(bgvar) if bgvar is not None else None
-        return out, out_err, flag, frac, bgw, bge, w
-
+    # -- fit (:mod:`.fluxfit`) ----------------------------------------------------------------------------
     def fit(
         self,
         flux,
@@ -621,64 +332,9 @@ class PRFModel:
         -------
         FitResult
         """
-        flux = _as_stack(flux, "flux")
-        T, ny, nx = flux.shape
-        err = default_error(flux, gain, rdnoise) if flux_err is None else _as_stack(flux_err, "flux_err")
-        if err.shape != flux.shape:
-            raise ValueError(f"flux_err shape {err.shape} differs from flux shape {flux.shape}")
-        mask = _mask_stack(mask, flux.shape)
-        wcs_list = _wcs_list(self.wcs if wcs is None else wcs, T)
-        mu = np.broadcast_to(
-            np.asarray(self.prior_mu if prior_mu is None else prior_mu, float), (self.nsources,)
-        )
-        sig = np.broadcast_to(
-            np.asarray(self.prior_sigma if prior_sigma is None else prior_sigma, float), (self.nsources,)
-        )
-        if not (np.all(np.isfinite(mu)) and np.all(sig > 0)):
-            raise ValueError("prior_mu must be finite and prior_sigma > 0")
-        isig2 = 1.0 / sig**2
-        ns = self.nsources
-        out = {k: np.full((T, ns), np.nan) for k in ("flux", "flux_err", "frac")}
-        flag = np.zeros((T, ns), np.int16)
-        fit_bg = bool(self.params.fit_background)
-        bgv = np.full(T, np.nan) if fit_bg else None
-        bge = np.full(T, np.nan) if fit_bg else None
-        model = np.zeros((T, ny, nx)) if return_model else None
-        # Frames sharing a WCS share a plan (keys computed once per distinct WCS object).
-        by_id = {}
-        keys = [by_id.setdefault(id(w), self._entry(w, (ny, nx))["key"]) for w in wcs_list]
-        flat_f, flat_e = flux.reshape(T, -1), err.reshape(T, -1)
-        flat_m = None if mask is None else mask.reshape(T, -1)
-        for key in dict.fromkeys(keys):
-            idx = np.array([t for t, k in enumerate(keys) if k == key])
-            w0 = wcs_list[idx[0]]
-            plan = self._plan(w0, (ny, nx))
-            whole = idx.size == T  # every frame: views, no copy of the full frames
-            F = flat_f if whole else flat_f[idx]
-            E = flat_e if whole else flat_e[idx]
-            M = None if flat_m is None else (flat_m if whole else flat_m[idx])
-            f, fe, fl, frac, b, be, wraw = self._solve_batch(plan, F, E, M, mu, isig2, fit_bg)
-            out["flux"][idx], out["flux_err"][idx], out["frac"][idx], flag[idx] = f, fe, frac, fl
-            if fit_bg:
-                bgv[idx], bge[idx] = b, be
-            if return_model:
-                m = np.zeros((idx.size, ny * nx))
-                m[:, plan.pix_u] = (plan.Xc.T @ np.nan_to_num(wraw).T).T
-                if fit_bg:
-                    m += b[:, None]
-                model[idx] = m.reshape(idx.size, ny, nx)
-        return FitResult(
-            flux=out["flux"],
-            flux_err=out["flux_err"],
-            flag=flag,
-            good_fraction=out["frac"],
-            source_id=self.source_ids.copy(),
-            background=bgv,
-            background_err=bge,
-            model=model,
-        )
+        return fit_frames(self, flux, flux_err, mask, wcs, return_model, gain, rdnoise, prior_mu, prior_sigma)
 
-    # -- diagnostics ------------------------------------------------------------------------------------
+    # -- diagnostics (:mod:`.metrics`, :mod:`.plots`) -------------------------------------------------------
     def get_psf_metrics(self, wcs=None, shape=None) -> PSFMetrics:
         """Model diagnostics (psfmachine's ``get_psf_metrics``).
 
@@ -701,26 +357,7 @@ class PRFModel:
         -------
         PSFMetrics
         """
-        g = self.geometry(wcs, shape)
-        sm = self.shape
-        n = self.params.psf_subsample
-        s = (np.arange(n) + 0.5) / n - 0.5
-        sy, sx = np.meshgrid(s, s, indexing="ij")
-        sx, sy = sx.ravel(), sy.ravel()
-        half_diag = np.sqrt(np.sum(g.jac**2, axis=(1, 2)) / 2)  # arcsec, half the pixel diagonal (approx.)
-        near = g.r <= sm.rmax + 1.01 * half_diag[g.src]
-        src = g.src[near]
-        J = g.jac[src]
-        inside = np.zeros(src.size)
-        for k in range(sx.size):  # n^2 sub-pixel offsets, each vectorised over all pairs
-            xi = g.xi[near] + J[:, 0, 0] * sx[k] + J[:, 0, 1] * sy[k]
-            eta = g.eta[near] + J[:, 1, 0] * sx[k] + J[:, 1, 1] * sy[k]
-            inside += np.hypot(xi, eta) <= sm.rmax
-        inside /= sx.size
-        # PRF at the pixel centre; centres just beyond rmax (pixels straddling the edge) use r = rmax.
-        val = 10.0 ** sm.log_value(np.minimum(g.r[near], sm.rmax), g.phi[near]) / sm.norm * g.area[src]
-        frac = np.bincount(src, weights=val * inside, minlength=self.nsources)
-        return PSFMetrics(source_psf_fraction=frac, notes={"time_model": "none: perturbed_* not computed"})
+        return psf_metrics(self, wcs, shape)
 
     def plot_shape_model(self, path, dpi=110):
         """Write a PNG of the shape-fit data, the model and their difference, in (r, phi) and on the sky
@@ -729,7 +366,7 @@ class PRFModel:
 
         return plot_shape_model(self, path, dpi=dpi)
 
-    # -- serialisation ----------------------------------------------------------------------------------
+    # -- serialisation (:mod:`.serialise`) ------------------------------------------------------------------
     def to_arrays(self) -> dict:
         """Everything needed to fit frames elsewhere, as a dict of numpy arrays (``np.savez`` ready).
 
@@ -740,33 +377,7 @@ class PRFModel:
         -------
         dict of numpy.ndarray
         """
-        mm = self.mean_model
-        out = {
-            "format_version": np.array(_FORMAT_VERSION),
-            "params_json": np.array(json.dumps(self.params.to_dict())),
-            "shape_weights": self.shape.weights,
-            "shape_norm": np.array(self.shape.norm),
-            "ra": self.ra,
-            "dec": self.dec,
-            "flux_estimate": self.flux_estimate,
-            "source_id": self.source_ids,
-            "prior_mu": self.prior_mu,
-            "prior_sigma": self.prior_sigma,
-            "wcs_header": np.array(self.wcs.to_header_string(relax=True)),
-            "image_shape": np.array(self.image_shape, dtype=np.int64),
-            "mean_model_data": mm.data,
-            "mean_model_indices": mm.indices.astype(np.int64),
-            "mean_model_indptr": mm.indptr.astype(np.int64),
-        }
-        for name in ("source_mask", "uncontaminated_source_mask"):
-            m = getattr(self, name)
-            if m is not None:
-                out[f"{name}_indices"] = m.indices.astype(np.int64)
-                out[f"{name}_indptr"] = m.indptr.astype(np.int64)
-        if self.shape_data is not None:
-            for k, v in self.shape_data.items():
-                out[f"shape_data_{k}"] = v
-        return out
+        return model_to_arrays(self)
 
     @classmethod
     def from_arrays(cls, arrays) -> PRFModel:
@@ -781,43 +392,7 @@ class PRFModel:
         -------
         PRFModel
         """
-        a = {k: np.asarray(arrays[k]) for k in arrays}
-        if int(a.get("format_version", -1)) != _FORMAT_VERSION:
-            raise ValueError(f"PRF model format version {a.get('format_version')} is not {_FORMAT_VERSION}")
-        params = PRFParameters.from_dict(json.loads(str(a["params_json"])))
-        sm = ShapeModel(params.n_r_knots, params.n_phi_knots, params.rmin, params.rmax, params.cut_r)
-        sm.weights = a["shape_weights"].astype(float)
-        sm.norm = float(a["shape_norm"])
-        wcs = WCS(fits.Header.fromstring(str(a["wcs_header"])))
-        shape = tuple(int(s) for s in a["image_shape"])
-        m = cls(
-            sm,
-            params,
-            a["ra"],
-            a["dec"],
-            a["flux_estimate"],
-            a["source_id"],
-            wcs,
-            shape,
-            a["prior_mu"],
-            a["prior_sigma"],
-        )
-        ns, npix = m.nsources, shape[0] * shape[1]
-        mm = sparse.csr_array(
-            (a["mean_model_data"], a["mean_model_indices"], a["mean_model_indptr"]), shape=(ns, npix)
-        )
-        m._entry()["model"] = mm
-        for name in ("source_mask", "uncontaminated_source_mask"):
-            if f"{name}_indices" in a:
-                idx = a[f"{name}_indices"]
-                setattr(
-                    m,
-                    name,
-                    sparse.csr_array((np.ones(idx.size, bool), idx, a[f"{name}_indptr"]), shape=(ns, npix)),
-                )
-        if "shape_data_r" in a:
-            m.shape_data = {k: a[f"shape_data_{k}"] for k in ("r", "phi", "y", "xi", "eta")}
-        return m
+        return model_from_arrays(cls, arrays)
 
     def save(self, path):
         """Save :meth:`to_arrays` to a ``.npz`` file (no pickles).
@@ -830,9 +405,7 @@ class PRFModel:
         -------
         str
         """
-        path = os.fspath(path)
-        np.savez_compressed(path, **self.to_arrays())
-        return path if path.endswith(".npz") else path + ".npz"
+        return save_model(self, path)
 
     @classmethod
     def load(cls, path) -> PRFModel:
@@ -846,94 +419,4 @@ class PRFModel:
         -------
         PRFModel
         """
-        try:
-            with np.load(os.fspath(path), allow_pickle=False) as z:
-                return cls.from_arrays({k: z[k] for k in z.files})
-        except (OSError, ValueError, KeyError) as exc:
-            raise BadInputError(path, f"not a readable PRF model file ({exc})") from exc
-
-
-def _gather(F, E, M, pix):
-    """Data, inverse variances (0 on bad pixels) and the good map at ``pix`` (all if None), in float64."""
-    if pix is not None:
-        F, E = F[:, pix], E[:, pix]
-        M = None if M is None else M[:, pix]
-    F = np.asarray(F, dtype=float)
-    E = np.asarray(E, dtype=float)
-    good = np.isfinite(F) & np.isfinite(E) & (E > 0)
-    if M is not None:
-        good &= ~M
-    with np.errstate(divide="ignore", invalid="ignore"):
-        W = np.where(good, 1.0 / (E * E), 0.0)
-    return np.where(good, F, 0.0), W, good
-
-
-def _mask_stack(mask, shape):
-    if mask is None:
-        return None
-    m = np.asarray(mask)
-    if m.ndim == 2:
-        m = np.broadcast_to(m, shape)
-    if m.shape != tuple(shape):
-        raise ValueError(f"mask shape {m.shape} does not match the frames {shape}")
-    return m != 0
-
-
-def _wcs_list(wcs, nt):
-    if isinstance(wcs, list | tuple):
-        if len(wcs) != nt:
-            raise ValueError(f"{len(wcs)} WCS given for {nt} frames")
-        out = list(wcs)
-    else:
-        out = [wcs] * nt
-    for w in out:
-        if not isinstance(w, WCS) or not w.has_celestial:
-            raise ValueError("every frame needs a celestial astropy.wcs.WCS")
-    return out
-
-
-def _reference_epochs(flux, err, mask, wcs_list, tm, frame_index):
-    """Reference image(s) for the shape model: one frame, or the mean of the selected frames per WCS."""
-    nt, ny, nx = flux.shape
-    if frame_index != "mean":
-        t = int(frame_index) % nt
-        good = np.isfinite(flux[t]) & np.isfinite(err[t]) & (err[t] > 0)
-        if mask is not None:
-            good &= ~mask[t]
-        return [
-            {
-                "wcs": wcs_list[t],
-                "flux": np.where(good, flux[t], 0.0).astype(float),
-                "err": np.where(good, err[t], np.inf).astype(float),
-                "good": good,
-                "n_frames": 1,
-            }
-        ]
-    keys = [_wcs_key(w, (ny, nx)) for w in wcs_list]
-    epochs = []
-    for key in dict.fromkeys(keys[t] for t in range(nt) if tm[t]):
-        idx = [t for t in range(nt) if tm[t] and keys[t] == key]
-        s = np.zeros((ny, nx))
-        v = np.zeros((ny, nx))
-        n = np.zeros((ny, nx))
-        for t in idx:  # a running sum: no (nframes, ny, nx) float64 copy
-            good = np.isfinite(flux[t]) & np.isfinite(err[t]) & (err[t] > 0)
-            if mask is not None:
-                good &= ~mask[t]
-            s += np.where(good, flux[t], 0.0)
-            v += np.where(good, np.asarray(err[t], float) ** 2, 0.0)
-            n += good
-        good = n > 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            epochs.append(
-                {
-                    "wcs": wcs_list[idx[0]],
-                    "flux": np.where(good, s / np.maximum(n, 1), 0.0),
-                    "err": np.where(good, np.sqrt(v) / np.maximum(n, 1), np.inf),
-                    "good": good,
-                    "n_frames": len(idx),
-                }
-            )
-    # The epoch with the most frames is the reference (its WCS becomes the model's reference WCS).
-    epochs.sort(key=lambda e: -e["n_frames"])
-    return epochs
+        return load_model(cls, path)

@@ -1,0 +1,167 @@
+"""The flux fit of a PRF model: every source's flux in every frame, exactly per frame (:mod:`.model`, step 5).
+
+:func:`solve_batch` solves flattened frames on one solve plan (:class:`~.solver.SolvePlan`) and flags what
+cannot be trusted; :func:`fit_frames` groups a batch of frames by WCS and returns a :class:`FitResult`;
+:func:`solve_reference` is the prior-free fit of a reference image that the shape fit uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..ingest.readers import default_error
+from .inputs import as_stack, gather_pixels, mask_stack, per_frame_wcs
+from .solver import FLAG_LOW_COVERAGE, FLAG_SOLVE_FAILED, FitResult
+
+__all__ = ["fit_frames", "solve_batch", "solve_reference"]
+
+
+def fit_frames(
+    model,
+    flux,
+    flux_err=None,
+    mask=None,
+    wcs=None,
+    return_model=False,
+    gain=1.0,
+    rdnoise=0.0,
+    prior_mu=None,
+    prior_sigma=None,
+) -> FitResult:
+    """Fluxes of every source in every frame of a batch (psfmachine's ``fit_model``), exactly per frame.
+
+    Each frame is solved on its own (results do not depend on how frames are batched):
+    ``(X^T C^-1 X + diag(1/sigma^2)) w = X^T C^-1 f + mu/sigma^2`` with ``X`` the normalised mean model on
+    the frame's WCS, per connected group of overlapping sources, all frames of the batch at once.
+    Bad pixels (``mask``, non-finite flux or error, error <= 0) take part in no fit. The solution of a
+    source with less than ``min_good_fraction`` of its model on good pixels is reported NaN with
+    :data:`~.solver.FLAG_LOW_COVERAGE` (it stays in its group's system, so its light is still modelled for its
+    neighbours). With ``params.fit_background`` a constant background per frame is fitted (flat prior,
+    from every good pixel of the frame) and eliminated exactly (Schur complement). The cost per frame
+    grows with the sum over groups of (group size)^3: a field so crowded that every source overlaps
+    into one component degenerates to psfmachine's dense solve (then solved a few frames at a time,
+    in bounded memory).
+
+    Parameters
+    ----------
+    model : PRFModel
+    flux : array_like
+        (T, ny, nx) frames or one (ny, nx) image, data units, background-subtracted.
+    flux_err : array_like, optional
+        Same shape; ``None``: :func:`default_error` with ``gain``, ``rdnoise``.
+    mask : array_like of bool, optional
+        Bad pixels, (T, ny, nx) or (ny, nx).
+    wcs : astropy.wcs.WCS or list of astropy.wcs.WCS, optional
+        The frames' WCS (one, or one per frame); default: the reference WCS.
+    return_model : bool
+        Also return the (T, ny, nx) model image.
+    gain, rdnoise : float
+        For the default error image.
+    prior_mu, prior_sigma : array_like, optional
+        Override the stored prior (per source, scalars broadcast; ``prior_sigma`` may be inf).
+
+    Returns
+    -------
+    FitResult
+    """
+    flux = as_stack(flux, "flux")
+    T, ny, nx = flux.shape
+    err = default_error(flux, gain, rdnoise) if flux_err is None else as_stack(flux_err, "flux_err")
+    if err.shape != flux.shape:
+        raise ValueError(f"flux_err shape {err.shape} differs from flux shape {flux.shape}")
+    mask = mask_stack(mask, flux.shape)
+    wcs_list = per_frame_wcs(model.wcs if wcs is None else wcs, T)
+    mu = np.broadcast_to(
+        np.asarray(model.prior_mu if prior_mu is None else prior_mu, float), (model.nsources,)
+    )
+    sig = np.broadcast_to(
+        np.asarray(model.prior_sigma if prior_sigma is None else prior_sigma, float), (model.nsources,)
+    )
+    if not (np.all(np.isfinite(mu)) and np.all(sig > 0)):
+        raise ValueError("prior_mu must be finite and prior_sigma > 0")
+    isig2 = 1.0 / sig**2
+    ns = model.nsources
+    out = {k: np.full((T, ns), np.nan) for k in ("flux", "flux_err", "frac")}
+    flag = np.zeros((T, ns), np.int16)
+    fit_bg = bool(model.params.fit_background)
+    bgv = np.full(T, np.nan) if fit_bg else None
+    bge = np.full(T, np.nan) if fit_bg else None
+    model_image = np.zeros((T, ny, nx)) if return_model else None
+    # Frames sharing a WCS share a plan (keys computed once per distinct WCS object).
+    by_id = {}
+    keys = [by_id.setdefault(id(w), model.frames.entry(w, (ny, nx))["key"]) for w in wcs_list]
+    flat_f, flat_e = flux.reshape(T, -1), err.reshape(T, -1)
+    flat_m = None if mask is None else mask.reshape(T, -1)
+    for key in dict.fromkeys(keys):
+        idx = np.array([t for t, k in enumerate(keys) if k == key])
+        w0 = wcs_list[idx[0]]
+        plan = model.frames.plan(w0, (ny, nx))
+        whole = idx.size == T  # every frame: views, no copy of the full frames
+        F = flat_f if whole else flat_f[idx]
+        E = flat_e if whole else flat_e[idx]
+        M = None if flat_m is None else (flat_m if whole else flat_m[idx])
+        f, fe, fl, frac, b, be, wraw = solve_batch(plan, F, E, M, mu, isig2, model.params)
+        out["flux"][idx], out["flux_err"][idx], out["frac"][idx], flag[idx] = f, fe, frac, fl
+        if fit_bg:
+            bgv[idx], bge[idx] = b, be
+        if return_model:
+            m = np.zeros((idx.size, ny * nx))
+            m[:, plan.pix_u] = (plan.Xc.T @ np.nan_to_num(wraw).T).T
+            if fit_bg:
+                m += b[:, None]
+            model_image[idx] = m.reshape(idx.size, ny, nx)
+    return FitResult(
+        flux=out["flux"],
+        flux_err=out["flux_err"],
+        flag=flag,
+        good_fraction=out["frac"],
+        source_id=model.source_ids.copy(),
+        background=bgv,
+        background_err=bge,
+        model=model_image,
+    )
+
+
+def solve_batch(plan, F, E, M, mu, isig2, params):
+    """Solve flattened frames (T, npix) on one plan; returns flux, err, flag, frac, bg, bgerr, w.
+
+    ``M`` is the (T, npix) bad-pixel mask or None; ``params`` gives ``fit_background`` and
+    ``min_good_fraction``. Only the model pixels are touched unless a
+    background is fitted (then every pixel enters the background sums). Everything is float64.
+    """
+    fit_bg = bool(params.fit_background)
+    Fu, Wu, goodu = gather_pixels(F, E, M, plan.pix_u)
+    bg = None
+    if fit_bg:
+        s = np.zeros(F.shape[0])
+        c = np.zeros(F.shape[0])
+        for t in range(F.shape[0]):  # per frame: no (T, npix) float64 temporaries
+            _, wt, _ = gather_pixels(F[t : t + 1], E[t : t + 1], None if M is None else M[t : t + 1], None)
+            ft = np.where(wt[0] > 0, F[t], 0.0).astype(float)
+            s[t], c[t] = wt.sum(), float(wt[0] @ ft)
+        bg = (s, c)
+    w, var, bgw, bgvar, failed = plan.solve(Fu, Wu, mu, isig2, bg)
+    frac = (plan.Xc @ goodu.T.astype(float)).T
+    flag = np.zeros(w.shape, np.int16)
+    low = frac < params.min_good_fraction
+    flag[low] |= FLAG_LOW_COVERAGE
+    bad = failed | ~np.isfinite(w) | ~(var >= 0)
+    flag[bad & ~low] |= FLAG_SOLVE_FAILED
+    out = np.where(flag == 0, w, np.nan)
+    out_err = np.where(flag == 0, np.sqrt(np.where(var >= 0, var, np.nan)), np.nan)
+    bge = np.sqrt(bgvar) if bgvar is not None else None
+    return out, out_err, flag, frac, bgw, bge, w
+
+
+def solve_reference(model, epoch, raw=False):
+    """Prior-free fit of a reference image (the mean frame): fluxes and errors (NaN where flagged;
+    ``raw``: the solution of every source, flagged or not, and no errors)."""
+    plan = model.frames.plan(epoch["wcs"])
+    img = epoch["flux"].ravel()[None, :]
+    err = epoch["err"].ravel()[None, :]
+    bad = ~epoch["good"].ravel()[None, :]
+    ns = model.nsources
+    res = solve_batch(plan, img, err, bad, np.zeros(ns), np.zeros(ns), model.params)
+    if raw:
+        return res[6][0], None
+    return res[0][0], res[1][0]

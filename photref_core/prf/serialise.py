@@ -1,0 +1,149 @@
+"""A PRF model as numpy arrays and ``.npz`` files (no pickles): what parallel fit tasks load."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+from scipy import sparse
+
+from ..errors import BadInputError
+from .parameters import PRFParameters
+from .shape import ShapeModel
+
+__all__ = ["FORMAT_VERSION", "load_model", "model_from_arrays", "model_to_arrays", "save_model"]
+
+FORMAT_VERSION = 1
+"""Version of the arrays' layout; a model of another version is refused."""
+
+
+def model_to_arrays(model) -> dict:
+    """Everything needed to fit frames elsewhere, as a dict of numpy arrays (``np.savez`` ready).
+
+    Holds the parameters (JSON), the shape weights and normalisation, the sources, the prior, the
+    reference WCS (header text), the reference ``mean_model`` (CSR arrays) and the masks.
+
+    Returns
+    -------
+    dict of numpy.ndarray
+    """
+    mm = model.mean_model
+    out = {
+        "format_version": np.array(FORMAT_VERSION),
+        "params_json": np.array(json.dumps(model.params.to_dict())),
+        "shape_weights": model.shape.weights,
+        "shape_norm": np.array(model.shape.norm),
+        "ra": model.ra,
+        "dec": model.dec,
+        "flux_estimate": model.flux_estimate,
+        "source_id": model.source_ids,
+        "prior_mu": model.prior_mu,
+        "prior_sigma": model.prior_sigma,
+        "wcs_header": np.array(model.wcs.to_header_string(relax=True)),
+        "image_shape": np.array(model.image_shape, dtype=np.int64),
+        "mean_model_data": mm.data,
+        "mean_model_indices": mm.indices.astype(np.int64),
+        "mean_model_indptr": mm.indptr.astype(np.int64),
+    }
+    for name in ("source_mask", "uncontaminated_source_mask"):
+        m = getattr(model, name)
+        if m is not None:
+            out[f"{name}_indices"] = m.indices.astype(np.int64)
+            out[f"{name}_indptr"] = m.indptr.astype(np.int64)
+    if model.shape_data is not None:
+        for k, v in model.shape_data.items():
+            out[f"shape_data_{k}"] = v
+    return out
+
+
+def model_from_arrays(cls, arrays):
+    """Rebuild a model from :meth:`to_arrays` output (no refit; the mean model is reused as stored).
+
+    Parameters
+    ----------
+    cls : type
+        The model class (:class:`~.model.PRFModel`).
+    arrays : mapping of numpy.ndarray
+        E.g. an ``np.load`` result.
+
+    Returns
+    -------
+    PRFModel
+    """
+    a = {k: np.asarray(arrays[k]) for k in arrays}
+    if int(a.get("format_version", -1)) != FORMAT_VERSION:
+        raise ValueError(f"PRF model format version {a.get('format_version')} is not {FORMAT_VERSION}")
+    params = PRFParameters.from_dict(json.loads(str(a["params_json"])))
+    sm = ShapeModel(params.n_r_knots, params.n_phi_knots, params.rmin, params.rmax, params.cut_r)
+    sm.weights = a["shape_weights"].astype(float)
+    sm.norm = float(a["shape_norm"])
+    wcs = WCS(fits.Header.fromstring(str(a["wcs_header"])))
+    shape = tuple(int(s) for s in a["image_shape"])
+    m = cls(
+        sm,
+        params,
+        a["ra"],
+        a["dec"],
+        a["flux_estimate"],
+        a["source_id"],
+        wcs,
+        shape,
+        a["prior_mu"],
+        a["prior_sigma"],
+    )
+    ns, npix = m.nsources, shape[0] * shape[1]
+    mm = sparse.csr_array(
+        (a["mean_model_data"], a["mean_model_indices"], a["mean_model_indptr"]), shape=(ns, npix)
+    )
+    m.frames.entry()["model"] = mm
+    for name in ("source_mask", "uncontaminated_source_mask"):
+        if f"{name}_indices" in a:
+            idx = a[f"{name}_indices"]
+            setattr(
+                m,
+                name,
+                sparse.csr_array((np.ones(idx.size, bool), idx, a[f"{name}_indptr"]), shape=(ns, npix)),
+            )
+    if "shape_data_r" in a:
+        m.shape_data = {k: a[f"shape_data_{k}"] for k in ("r", "phi", "y", "xi", "eta")}
+    return m
+
+
+def save_model(model, path) -> str:
+    """Save :meth:`to_arrays` to a ``.npz`` file (no pickles).
+
+    Parameters
+    ----------
+    model : PRFModel
+    path : str or os.PathLike
+
+    Returns
+    -------
+    str
+    """
+    path = os.fspath(path)
+    np.savez_compressed(path, **model_to_arrays(model))
+    return path if path.endswith(".npz") else path + ".npz"
+
+
+def load_model(cls, path):
+    """Load a model written by :meth:`save`.
+
+    Parameters
+    ----------
+    cls : type
+        The model class (:class:`~.model.PRFModel`).
+    path : str or os.PathLike
+
+    Returns
+    -------
+    PRFModel
+    """
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as z:
+            return model_from_arrays(cls, {k: z[k] for k in z.files})
+    except (OSError, ValueError, KeyError) as exc:
+        raise BadInputError(path, f"not a readable PRF model file ({exc})") from exc
