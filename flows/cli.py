@@ -24,8 +24,8 @@ import os
 import sys
 import typing
 
+from photref_core.master.outofcore import DEFAULT_BLOCK_MIB
 from photref_core.master.parameters import MasterParameters
-from photref_core.master.stats import DEFAULT_BLOCK_MIB
 from photref_core.prf.parameters import PRF_DEFAULTS, PSF_ZERO_POINT
 
 

@@ -34,8 +34,8 @@ from prefect.context import FlowRunContext
 
 from photref_core.catalog import read_catalog
 from photref_core.errors import retry_transient
+from photref_core.master.outofcore import DEFAULT_BLOCK_MIB
 from photref_core.master.parameters import MasterParameters
-from photref_core.master.stats import DEFAULT_BLOCK_MIB
 from photref_core.master.steps import statistics_path, validate_fit_terms
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url

@@ -33,8 +33,8 @@ from pydantic import ConfigDict, Field, field_validator
 
 from flows.master_photref import build_master_photref
 from flows.runners import make_task_runner
+from photref_core.master.outofcore import DEFAULT_BLOCK_MIB
 from photref_core.master.parameters import MasterParameters
-from photref_core.master.stats import DEFAULT_BLOCK_MIB
 
 __all__ = ["NightlySettings", "nightly_master"]
 

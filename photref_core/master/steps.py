@@ -31,9 +31,10 @@ from ..store.groups import RESULTS_GROUP, load_group, write_group
 from ..store.schema import INGESTED, committed_sizes, open_store
 from .fits import write_master, write_statistics_table
 from .fitterms import FitTerms, parse_fit_terms
+from .outofcore import DEFAULT_BLOCK_BYTES, source_statistics_dask
 from .parameters import MasterParameters, master_header
 from .scatter import fit_scatter
-from .stats import DEFAULT_BLOCK_BYTES, enough_flags, source_statistics, source_statistics_dask
+from .stats import enough_flags, source_statistics
 
 if TYPE_CHECKING:  # xarray (and pandas under it) costs ~0.35 s to import: only where it is used
     import xarray as xr

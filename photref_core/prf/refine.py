@@ -1,6 +1,6 @@
 """Joint all-pixel refinement of the PRF shape weights (SPEC 6).
 
-The selection-based shape fit (:func:`photref_core.prf.shape.fit_shape_weights`) sees each source's
+The selection-based shape fit (:func:`photref_core.prf.shapefit.fit_shape_weights`) sees each source's
 pixels on their own: on crowded or undersampled fields no pixel is free of a neighbour's light, and what
 it subtracts for the neighbours is only an estimate. Measured on Kepler-like fields (4"/pix, FWHM 1.5
 px): isolated fluxes off by 1.5-3.1 % (median), chi std 4.9-9.8, the bias following brightness.

@@ -1,7 +1,7 @@
 """The shape fit of a PRF model on its reference image(s): masks, weights, refinement, the flux prior.
 
 Steps 2-3 of :mod:`.model`: the masks from flux estimates (never from the data), the weighted fit of
-``log10(data / F)`` on uncontaminated pixels (:func:`~.shape.fit_shape_weights`), ``shape_iterations``
+``log10(data / F)`` on uncontaminated pixels (:func:`fit_shape_weights`), ``shape_iterations``
 rounds with the fluxes fitted on the reference image, then the joint all-pixel refinement
 (:mod:`.refine`) and the flux prior of the per-frame fit.
 """
@@ -9,13 +9,15 @@ rounds with the fluxes fitted on the reference image, then the joint all-pixel r
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
+from scipy import sparse
 from threadpoolctl import threadpool_limits
 
 from .fluxfit import solve_reference
 from .refine import JointPixels, refine_shape
-from .shape import GN_STEPS, empirical_profile, fit_shape_weights, model_values
+from .shape import ShapeModel, model_values, shape_prior
 
-__all__ = ["fit_shape", "flux_prior"]
+__all__ = ["GN_STEPS", "empirical_profile", "fit_shape", "fit_shape_weights", "flux_prior"]
 
 
 def fit_shape(model, epochs) -> None:
@@ -169,3 +171,240 @@ def flux_prior(params, mu_fit, err_fit, n_frames: int) -> tuple[np.ndarray, np.n
         sig = np.where(fin & (sig > 0), sig, wide if wide > 0 else 1.0)
     mu = np.where(np.isfinite(mu), mu, 0.0)
     return mu, sig
+
+
+def empirical_profile(geoms, epochs, F, p):
+    """Seed radial profile: weighted median of data / flux-estimate in radial bins (monotone, positive).
+
+    Each (source, pixel) ratio is weighted by its inverse variance ``(F / err)^2``, so bright stars set
+    the far wing (where faint stars only add noise); the median resists contamination by neighbours.
+    Used for the first masks and as the mean of the shape-weight prior.
+    """
+    nb = 4 * p.n_r_knots
+    edges = np.linspace(0.0, np.sqrt(p.sparse_dist_lim), nb + 1) ** 2
+    rs, vs, ws = [], [], []
+    for e, g in zip(epochs, geoms, strict=True):
+        good = e["good"].ravel()[g.pix] & np.isfinite(F[g.src]) & (F[g.src] > 0)
+        fs = F[g.src[good]]
+        rs.append(g.r[good])
+        vs.append(e["flux"].ravel()[g.pix[good]] / fs)
+        ws.append((fs / e["err"].ravel()[g.pix[good]]) ** 2)
+    r, v, wt = np.concatenate(rs), np.concatenate(vs), np.concatenate(ws)
+    if r.size > 400_000:  # a seed profile: a fixed random subset is plenty (and keeps the sort cheap)
+        sub = np.random.default_rng(12345).choice(r.size, 400_000, replace=False)
+        r, v, wt = r[sub], v[sub], wt[sub]
+    b = np.clip(np.searchsorted(edges, r, side="right") - 1, 0, nb - 1)
+    order = np.lexsort((v, b))
+    b, v, r, wt = b[order], v[order], r[order], wt[order]
+    counts = np.bincount(b, minlength=nb)
+    has = counts > 0
+    # Weighted median per bin: first value where the within-bin cumulative weight reaches half the total.
+    tot = np.bincount(b, weights=wt, minlength=nb)
+    cum = np.cumsum(wt)
+    before = np.concatenate([[0.0], np.cumsum(tot)[:-1]])
+    within = cum - before[b]
+    reached = within >= 0.5 * tot[b]
+    first = np.full(nb, -1, np.int64)
+    idx = np.flatnonzero(reached)
+    first[b[idx[::-1]]] = idx[::-1]  # the first (lowest) index per bin wins
+    has &= first >= 0
+    med = v[first[has]]
+    rmed = (np.bincount(b, weights=r, minlength=nb)[has]) / counts[has]
+    if not np.any(med > 0):
+        raise ValueError(
+            "no positive flux around the sources: cannot seed the PRF model (are the positions, "
+            "the WCS and the flux estimates right?)"
+        )
+    med = np.fmin.accumulate(np.where(med > 0, med, np.nan))
+    med = np.where(np.isfinite(med), med, np.nanmax(med))  # leading non-positive bins: take the peak
+    floor = np.max(med) * 1e-7
+    return rmed, np.maximum(med, floor)
+
+
+GN_STEPS = 2  # Gauss-Newton refinements of the shape fit in linear flux space
+
+
+def fit_shape_weights(sm: ShapeModel, r, phi, q, sq, src, w_prior, p, gn_steps=GN_STEPS):
+    """Fit the shape weights to the flux ratios ``q = f / F`` (errors ``sq``) of the selected pixels.
+
+    Model of a point of star ``i``: ``q = 10**(S(r, phi) + c_i)``. The free log-flux offset ``c_i`` per
+    star absorbs the error of its flux estimate, so the shape is not distorted where one bright star
+    dominates the data; the offsets are eliminated exactly (their normal block is diagonal: a Schur
+    complement), so the cost does not grow with the square of the number of stars. The constant shared
+    by ``S`` and every ``c_i`` is set by the weight prior and cancels in the normalisation.
+
+    1. A log-space fit (``log10 q`` of the positive points, weights ``(q ln10 / sq)^2``) with iterative
+       robust clipping.
+    2. ``gn_steps`` Gauss-Newton steps in linear space: with ``m`` the current model, the working data
+       ``log10 m + (q - m) / (m ln10)`` with weights ``(m ln10 / sq)^2`` -- no logarithm of noisy data and
+       every point (also ``q <= 0``) used, so faint wing pixels are not biased -- each after one clipping
+       update on the linear residuals ``(q - m) / sq``.
+
+    With ``bin_data`` the normal equations are formed on the binned working data (the offsets, which
+    cannot be profiled inside bins, are alternated with the shape three times per solve); clipping acts on
+    the individual points.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        The points kept by the final clipping.
+    """
+    n = q.size
+    nstar = int(src.max()) + 1 if n else 0
+    valid = np.isfinite(q) & np.isfinite(sq) & (sq > 0)
+    ln10 = np.log(10.0)
+    A = _Blocks(sm, r, phi)
+    prior_prec, prior_rhs = shape_prior(sm, w_prior, p)
+    nb = p.n_bins
+    if nb:
+        rb = np.minimum((np.sqrt(np.asarray(r) / sm.rmax) * nb).astype(np.int64), nb - 1)
+        ph = np.mod(phi, 2 * np.pi)
+        cell = rb * nb + np.minimum((ph / (2 * np.pi) * nb).astype(np.int64), nb - 1)
+    c = np.zeros(nstar)
+    w = w_prior.copy()
+
+    def solve(y, ivar, keep, c):
+        if not nb:
+            return _profiled_solve(A, y, np.where(keep, ivar, 0.0), src, nstar, prior_prec, prior_rhs)
+        wt = np.where(keep, ivar, 0.0)
+        for _ in range(3):
+            yc = y - np.nan_to_num(c[src])
+            sw = np.bincount(cell, weights=wt, minlength=nb * nb)
+            has = sw > 0
+            rbin = np.bincount(cell, weights=wt * r, minlength=nb * nb)[has] / sw[has]
+            pbin = np.bincount(cell, weights=wt * ph, minlength=nb * nb)[has] / sw[has]
+            ybin = np.bincount(cell, weights=wt * np.nan_to_num(yc), minlength=nb * nb)[has] / sw[has]
+            M, rhs = _Blocks(sm, rbin, pbin).gram(sw[has], ybin)
+            w = _spd_solve(M + prior_prec, rhs + prior_rhs)
+            res = np.nan_to_num(y - A @ w)
+            sws = np.bincount(src, weights=wt, minlength=nstar)
+            c = np.where(
+                sws > 0,
+                np.bincount(src, weights=wt * res, minlength=nstar) / np.where(sws > 0, sws, 1.0),
+                np.nan,
+            )
+        return w, c
+
+    def clip(z, keep_from):
+        zk = z[keep_from]
+        if zk.size == 0:
+            return keep_from
+        med = np.median(zk)
+        scale = 1.4826 * np.median(np.abs(zk - med))
+        if not scale > 0:
+            return keep_from
+        return keep_from & (np.abs(z - med) <= p.clip_sigma * scale)
+
+    # 1. log space, positive points
+    pos = valid & (q > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where(pos, np.log10(np.where(pos, q, 1.0)), 0.0)
+        ivar = np.where(pos, (q * ln10 / sq) ** 2, 0.0)
+    keep = pos.copy()
+    for it in range(p.clip_iterations + 1):
+        w, c = solve(y, ivar, keep, c)
+        if it == p.clip_iterations:
+            break
+        z = np.sqrt(ivar) * (y - A @ w - np.nan_to_num(c[src]))
+        new = clip(z, pos)
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    # 2. Gauss-Newton in linear space, every valid point
+    for _ in range(gn_steps):
+        with np.errstate(over="ignore", invalid="ignore"):
+            s_ = A @ w + c[src]
+            m = 10.0**s_
+        ok = valid & np.isfinite(m) & (m > 0)
+        zlin = np.where(ok, (q - np.where(ok, m, 0.0)) / sq, 0.0)
+        keep = clip(zlin, ok) if p.clip_iterations else ok
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = np.where(ok, s_ + (q - m) / (m * ln10), 0.0)
+            ivar = np.where(ok, (m * ln10 / sq) ** 2, 0.0)
+        w, c = solve(y, ivar, keep, c)
+    sm.weights = w
+    return keep
+
+
+class _Blocks:
+    """A shape design matrix as dense (n, 16) row blocks, for fast normal equations.
+
+    Each row of the design has 4 radial x 4 angular B-spline slots; rows whose slots start at the same
+    (radial, angular) knot interval share all 16 columns (a "cell"). The Gram matrix ``A^T W A`` is then a
+    sum over at most ``n_radial x n_phi_knots`` cells of small dense ``V^T W V`` products (BLAS), added at
+    the cell's columns -- several times faster than a general sparse-sparse product. Phi-free radial
+    functions appear as 4 slots with the same column (their values sum to the radial value), which the
+    scatter-add merges.
+    """
+
+    def __init__(self, sm: ShapeModel, r, phi):
+        r = np.asarray(r, dtype=float).ravel()
+        n = r.size
+        self.n, self.nbasis = n, sm.nbasis
+        rc, rv, pc, pv = sm.slots(r, phi)
+        self.cols = sm.slot_columns(rc, pc).reshape(n, 16)
+        self.vals = (rv[:, :, None] * pv[:, None, :]).reshape(n, 16)
+        cell = rc[:, 0] * sm.n_phi_knots + pc[:, 0]
+        order = np.argsort(cell, kind="stable")
+        cs = cell[order]
+        starts = np.flatnonzero(np.concatenate([[True], cs[1:] != cs[:-1]])) if n else np.zeros(0, np.int64)
+        first = order[starts]
+        # Every row of a cell must have the cell's columns (true for scipy's layout; checked).
+        cell_of_row = np.repeat(np.arange(starts.size), np.diff(np.concatenate([starts, [n]])))
+        if n and not np.array_equal(self.cols[order], self.cols[first][cell_of_row]):
+            _, inv = np.unique(self.cols, axis=0, return_inverse=True)
+            order = np.argsort(inv.ravel(), kind="stable")
+            ci = inv.ravel()[order]
+            starts = np.flatnonzero(np.concatenate([[True], ci[1:] != ci[:-1]]))
+            first = order[starts]
+        self.order = order
+        self.bounds = np.concatenate([starts, [n]]).astype(np.int64)
+        self.cell_cols = self.cols[first]
+        self.vals_sorted = self.vals[order]
+
+    def gram(self, ivar, y):
+        """``A^T W A`` (dense) and ``A^T W y`` for weights ``ivar``."""
+        M = np.zeros((self.nbasis, self.nbasis))
+        rhs = np.zeros(self.nbasis)
+        ws = np.asarray(ivar, dtype=float)[self.order]
+        wy = ws * np.asarray(y, dtype=float)[self.order]
+        for k in range(self.cell_cols.shape[0]):
+            a, b = self.bounds[k], self.bounds[k + 1]
+            V = self.vals_sorted[a:b]
+            G = V.T @ (V * ws[a:b, None])
+            c = self.cell_cols[k]
+            np.add.at(M, (c[:, None], c[None, :]), G)
+            np.add.at(rhs, c, V.T @ wy[a:b])
+        return M, rhs
+
+    def star_matrix(self, ivar, src, nstar):
+        """``B[i, k] = sum over star i's points of ivar * A[., k]`` (dense, nstar x nbasis)."""
+        data = (self.vals * np.asarray(ivar, dtype=float)[:, None]).ravel()
+        rows = np.repeat(np.asarray(src), 16)
+        return sparse.coo_array((data, (rows, self.cols.ravel())), shape=(nstar, self.nbasis)).toarray()
+
+    def __matmul__(self, w):
+        return np.sum(self.vals * np.asarray(w)[self.cols], axis=1)
+
+
+def _spd_solve(M, b):
+    """Solve a symmetric positive definite system (Cholesky; least squares if it is not SPD)."""
+    try:
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(M, check_finite=False), b, check_finite=False)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(M, b, rcond=None)[0]
+
+
+def _profiled_solve(A, y, ivar, src, nstar, prior_prec, prior_rhs):
+    """Weighted least squares for shape weights and per-star offsets, offsets eliminated (Schur)."""
+    M, rhs = A.gram(ivar, y)
+    M += prior_prec
+    rhs += prior_rhs
+    B = A.star_matrix(ivar, src, nstar)
+    D = np.bincount(src, weights=ivar, minlength=nstar)
+    rc = np.bincount(src, weights=ivar * y, minlength=nstar)
+    Dinv = np.where(D > 0, 1.0 / np.where(D > 0, D, 1.0), 0.0)
+    M -= (B * Dinv[:, None]).T @ B
+    w = _spd_solve(M, rhs - B.T @ (Dinv * rc))
+    c = np.where(D > 0, (rc - B @ w) * Dinv, np.nan)
+    return w, c

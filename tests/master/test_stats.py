@@ -19,14 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from photref_core.master import stats as stats_module
+from photref_core.master import outofcore
+from photref_core.master.outofcore import source_statistics_dask
 from photref_core.master.stats import (
     STATISTIC_NAMES,
     RejectionParameters,
     enough_flags,
     rejected_statistics,
     source_statistics,
-    source_statistics_dask,
 )
 
 CENTERS = ("median", "mean")
@@ -522,7 +522,7 @@ def test_dask_with_distributed_client():
         ) as cluster,
         distributed.Client(cluster),
     ):
-        assert stats_module._dask_worker_count() == 2
+        assert outofcore._dask_worker_count() == 2
         chunks = (9, 7, 1)
         got = source_statistics_dask(
             da.from_array(mag, chunks=chunks), da.from_array(mag_err, chunks=chunks), block_bytes=8 * 40 * 12
@@ -535,7 +535,7 @@ def test_dask_blocks_respect_the_memory_budget(monkeypatch):
     mag, mag_err = simulate(9, 20, 50, 2)
     per_source = 8 * 20 * 2
     seen_blocks, rounds = [], []
-    kernel, compute = stats_module._block_statistics, dask.compute
+    kernel, compute = outofcore._block_statistics, dask.compute
 
     def recording_kernel(m, e, params):
         seen_blocks.append(m.shape)
@@ -545,7 +545,7 @@ def test_dask_blocks_respect_the_memory_budget(monkeypatch):
         rounds.append(len(args))
         return compute(*args, **kwargs)
 
-    monkeypatch.setattr(stats_module, "_block_statistics", recording_kernel)
+    monkeypatch.setattr(outofcore, "_block_statistics", recording_kernel)
     monkeypatch.setattr(dask, "compute", recording_compute)
     # Frame-only chunks (every chunk holds all sources): the chunks are cut into blocks.
     chunks = (4, 50, 2)
@@ -562,7 +562,7 @@ def test_dask_blocks_respect_the_memory_budget(monkeypatch):
 
 
 def test_plan_blocks():
-    plan = stats_module._plan_blocks
+    plan = outofcore._plan_blocks
     assert plan((5, 5, 5), 12) == [(0, 10), (10, 15)]  # whole chunks merged up to the budget
     assert plan((30,), 12) == [(0, 10), (10, 20), (20, 30)]  # a wide chunk cut in equal pieces
     assert plan((3, 30, 3, 3), 12) == [(0, 3), (3, 13), (13, 23), (23, 33), (33, 39)]
@@ -572,7 +572,7 @@ def test_plan_blocks():
 @settings(max_examples=100, deadline=None)
 @given(chunks=st.lists(st.integers(1, 40), min_size=1, max_size=12), block=st.integers(1, 50))
 def test_property_plan_blocks(chunks, block):
-    blocks = stats_module._plan_blocks(tuple(chunks), block)
+    blocks = outofcore._plan_blocks(tuple(chunks), block)
     edges = np.cumsum([0, *chunks])
     assert blocks[0][0] == 0 and blocks[-1][1] == edges[-1]
     for (_, b), (c, _) in itertools.pairwise(blocks):
