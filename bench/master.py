@@ -41,6 +41,7 @@ from photref_core.catalog import read_catalog
 from photref_core.ingest.arrays import store_from_arrays
 from photref_core.ingest.readers import valid_measurements
 from photref_core.master.fits import write_master
+from photref_core.master.outofcore import DEFAULT_BLOCK_MIB
 from photref_core.master.parameters import MasterParameters, master_header
 from photref_core.master.stats import RejectionParameters, source_statistics
 from photref_core.master.steps import (
@@ -276,7 +277,7 @@ def main(argv=None):
     parser.add_argument("--large-frames", type=int, default=2000)
     parser.add_argument("--large-stars", type=int, default=100_000)
     parser.add_argument("--large-photometries", type=int, default=5)
-    parser.add_argument("--block-mib", type=int, default=64)
+    parser.add_argument("--block-mib", type=int, default=DEFAULT_BLOCK_MIB)
     args = parser.parse_args(argv)
     print(f"machine: {machine_description()}\nload: {load_average()}")
     if args.quick:

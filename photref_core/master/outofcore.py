@@ -19,6 +19,7 @@ from .stats import (
     STATISTIC_NAMES,
     RejectionParameters,
     _check_params,
+    _check_shapes,
     _dataset,
     _statistics_arrays,
     source_statistics,
@@ -146,11 +147,7 @@ def source_statistics_dask(
         mag = np.asarray(mag)
     if not isinstance(mag_err, da.Array):
         mag_err = np.asarray(mag_err)
-    if mag.ndim != 3 or mag_err.shape != mag.shape:
-        raise ValueError(
-            "mag and mag_err must have the same shape (frame, source, photometry), "
-            f"got {mag.shape} and {mag_err.shape}"
-        )
+    mag, mag_err = _check_shapes(mag, mag_err)
     nframes, nsources, nphot = mag.shape
     if nframes == 0 or nsources == 0 or nphot == 0:
         empty = np.empty(mag.shape)

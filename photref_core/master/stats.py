@@ -121,6 +121,16 @@ class RejectionParameters:
         return dataclasses.asdict(self)
 
 
+def _check_shapes(mag, mag_err):
+    """``mag`` and ``mag_err`` (numpy or dask arrays) when both are (frame, source, photometry) alike."""
+    if mag.ndim != 3 or mag_err.shape != mag.shape:
+        raise ValueError(
+            "mag and mag_err must have the same shape (frame, source, photometry), "
+            f"got {mag.shape} and {mag_err.shape}"
+        )
+    return mag, mag_err
+
+
 def _check_params(params) -> RejectionParameters:
     if params is None:
         return RejectionParameters()
@@ -360,13 +370,7 @@ def _statistics_arrays(mag, mag_err, params: RejectionParameters, threads: int =
     mag and mag_err are independent after the shared missing mask, so with ``threads`` >= 2 they are
     transposed, sorted and reduced each on its own thread (the numbers do not depend on ``threads``).
     """
-    mag = np.asarray(mag)
-    mag_err = np.asarray(mag_err)
-    if mag.ndim != 3 or mag_err.shape != mag.shape:
-        raise ValueError(
-            "mag and mag_err must have the same shape (frame, source, photometry), "
-            f"got {mag.shape} and {mag_err.shape}"
-        )
+    mag, mag_err = _check_shapes(np.asarray(mag), np.asarray(mag_err))
     nframes, nsources, nphot = mag.shape
 
     def rows_of(values, positive: bool):

@@ -73,34 +73,14 @@ class FrameModels:
         return ent
 
     def geometry(self, wcs=None, shape=None) -> Geometry:
-        """Geometry of the sources on a frame with ``wcs`` (default: the reference WCS); cached.
-
-        Parameters
-        ----------
-        wcs : astropy.wcs.WCS, optional
-        shape : tuple of int, optional
-
-        Returns
-        -------
-        Geometry
-        """
+        """Geometry of the sources on a frame with ``wcs`` (default: the reference WCS)."""
         ent = self.entry(wcs, shape)
         if "geom" not in ent:
             ent["geom"] = build_geometry(ent["wcs"], ent["shape"], self.ra, self.dec, self.sparse_dist_lim)
         return ent["geom"]
 
     def model_for(self, wcs=None, shape=None) -> sparse.csr_array:
-        """The normalised mean model (nsources x npixels) on a frame with ``wcs``; cached.
-
-        Parameters
-        ----------
-        wcs : astropy.wcs.WCS, optional
-        shape : tuple of int, optional
-
-        Returns
-        -------
-        scipy.sparse.csr_array
-        """
+        """The normalised mean model (nsources x npixels) on a frame with ``wcs``."""
         ent = self.entry(wcs, shape)
         if "model" not in ent:
             g = self.geometry(wcs, shape)

@@ -28,42 +28,8 @@ def fit_frames(
     prior_mu=None,
     prior_sigma=None,
 ) -> FitResult:
-    """Fluxes of every source in every frame of a batch (psfmachine's ``fit_model``), exactly per frame.
-
-    Each frame is solved on its own (results do not depend on how frames are batched):
-    ``(X^T C^-1 X + diag(1/sigma^2)) w = X^T C^-1 f + mu/sigma^2`` with ``X`` the normalised mean model on
-    the frame's WCS, per connected group of overlapping sources, all frames of the batch at once.
-    Bad pixels (``mask``, non-finite flux or error, error <= 0) take part in no fit. The solution of a
-    source with less than ``min_good_fraction`` of its model on good pixels is reported NaN with
-    :data:`~.solver.FLAG_LOW_COVERAGE` (it stays in its group's system, so its light is still modelled for its
-    neighbours). With ``params.fit_background`` a constant background per frame is fitted (flat prior,
-    from every good pixel of the frame) and eliminated exactly (Schur complement). The cost per frame
-    grows with the sum over groups of (group size)^3: a field so crowded that every source overlaps
-    into one component degenerates to psfmachine's dense solve (then solved a few frames at a time,
-    in bounded memory).
-
-    Parameters
-    ----------
-    model : PRFModel
-    flux : array_like
-        (T, ny, nx) frames or one (ny, nx) image, data units, background-subtracted.
-    flux_err : array_like, optional
-        Same shape; ``None``: :func:`default_error` with ``gain``, ``rdnoise``.
-    mask : array_like of bool, optional
-        Bad pixels, (T, ny, nx) or (ny, nx).
-    wcs : astropy.wcs.WCS or list of astropy.wcs.WCS, optional
-        The frames' WCS (one, or one per frame); default: the reference WCS.
-    return_model : bool
-        Also return the (T, ny, nx) model image.
-    gain, rdnoise : float
-        For the default error image.
-    prior_mu, prior_sigma : array_like, optional
-        Override the stored prior (per source, scalars broadcast; ``prior_sigma`` may be inf).
-
-    Returns
-    -------
-    FitResult
-    """
+    """The work of :meth:`PRFModel.fit <photref_core.prf.model.PRFModel.fit>` (documented there) for
+    ``model``; returns a :class:`~.solver.FitResult`."""
     flux = as_stack(flux, "flux")
     T, ny, nx = flux.shape
     err = default_error(flux, gain, rdnoise) if flux_err is None else as_stack(flux_err, "flux_err")

@@ -30,28 +30,8 @@ class PSFMetrics:
 
 
 def psf_metrics(model, wcs=None, shape=None) -> PSFMetrics:
-    """Model diagnostics (psfmachine's ``get_psf_metrics``).
-
-    ``source_psf_fraction``: the fraction of each source's model flux (its flux inside ``rmax``) that
-    lands on the frame's pixels: ``sum_p PRF(offset_p) * a_p`` over the frame pixels, where ``a_p`` is
-    the fraction of pixel ``p`` inside the disc ``r <= rmax``, from ``psf_subsample`` x ``psf_subsample``
-    sub-pixel samples (tangent-plane offsets from the local WCS Jacobian). The sub-pixel sampling
-    removes the pixelisation of the disc edge that a plain row sum of ``mean_model`` (pixel centres
-    inside the disc) has, so a star fully on the frame gets 1 to ~1e-4; the PRF itself is already
-    pixel-integrated, so it is not sub-sampled again (that would blur the frame edge by a pixel). No
-    time model is built, so ``perturbed_ratio_mean`` and ``perturbed_std`` are ``None``.
-
-    Parameters
-    ----------
-    model : PRFModel
-    wcs : astropy.wcs.WCS, optional
-        Frame WCS (default: the reference WCS).
-    shape : tuple of int, optional
-
-    Returns
-    -------
-    PSFMetrics
-    """
+    """The work of :meth:`PRFModel.get_psf_metrics <photref_core.prf.model.PRFModel.get_psf_metrics>`
+    (documented there) for ``model``."""
     g = model.frames.geometry(wcs, shape)
     sm = model.shape
     n = model.params.psf_subsample

@@ -21,15 +21,8 @@ FORMAT_VERSION = 1
 
 
 def model_to_arrays(model) -> dict:
-    """Everything needed to fit frames elsewhere, as a dict of numpy arrays (``np.savez`` ready).
-
-    Holds the parameters (JSON), the shape weights and normalisation, the sources, the prior, the
-    reference WCS (header text), the reference ``mean_model`` (CSR arrays) and the masks.
-
-    Returns
-    -------
-    dict of numpy.ndarray
-    """
+    """The work of :meth:`PRFModel.to_arrays <photref_core.prf.model.PRFModel.to_arrays>` (documented
+    there) for ``model``."""
     mm = model.mean_model
     out = {
         "format_version": np.array(FORMAT_VERSION),
@@ -60,19 +53,8 @@ def model_to_arrays(model) -> dict:
 
 
 def model_from_arrays(cls, arrays):
-    """Rebuild a model from :meth:`to_arrays` output (no refit; the mean model is reused as stored).
-
-    Parameters
-    ----------
-    cls : type
-        The model class (:class:`~.model.PRFModel`).
-    arrays : mapping of numpy.ndarray
-        E.g. an ``np.load`` result.
-
-    Returns
-    -------
-    PRFModel
-    """
+    """The work of :meth:`PRFModel.from_arrays <photref_core.prf.model.PRFModel.from_arrays>` (documented
+    there); ``cls`` is the model class."""
     a = {k: np.asarray(arrays[k]) for k in arrays}
     if int(a.get("format_version", -1)) != FORMAT_VERSION:
         raise ValueError(f"PRF model format version {a.get('format_version')} is not {FORMAT_VERSION}")
@@ -113,35 +95,15 @@ def model_from_arrays(cls, arrays):
 
 
 def save_model(model, path) -> str:
-    """Save :meth:`to_arrays` to a ``.npz`` file (no pickles).
-
-    Parameters
-    ----------
-    model : PRFModel
-    path : str or os.PathLike
-
-    Returns
-    -------
-    str
-    """
+    """The work of :meth:`PRFModel.save <photref_core.prf.model.PRFModel.save>` (documented there)."""
     path = os.fspath(path)
     np.savez_compressed(path, **model_to_arrays(model))
     return path if path.endswith(".npz") else path + ".npz"
 
 
 def load_model(cls, path):
-    """Load a model written by :meth:`save`.
-
-    Parameters
-    ----------
-    cls : type
-        The model class (:class:`~.model.PRFModel`).
-    path : str or os.PathLike
-
-    Returns
-    -------
-    PRFModel
-    """
+    """The work of :meth:`PRFModel.load <photref_core.prf.model.PRFModel.load>` (documented there);
+    ``cls`` is the model class."""
     try:
         with np.load(os.fspath(path), allow_pickle=False) as z:
             return model_from_arrays(cls, {k: z[k] for k in z.files})
