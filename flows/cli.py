@@ -123,9 +123,9 @@ def _cmd_master(args) -> int:
 
 def _cmd_prf(args) -> int:
     from flows.prf import run_prf
+    from photref_core.prf.parameters import PRFParameters
 
-    frame_index = args.frame_index if args.frame_index == "mean" else int(args.frame_index)
-    time_mask = None if args.time_mask is None else [bool(int(v)) for v in args.time_mask.split(",")]
+    # The PRF parameters the command line exposes (the other fields keep their PRFParameters defaults).
     names = (
         "sources_flux_column",
         "n_r_knots",
@@ -139,10 +139,17 @@ def _cmd_prf(args) -> int:
         "prior_sigma",
         "fit_background",
         "refine_iterations",
-        "strict",
-        "as_photometry",
-        "zero_point",
     )
+    try:
+        params = PRFParameters(
+            frame_index=args.frame_index if args.frame_index == "mean" else int(args.frame_index),
+            time_mask=None if args.time_mask is None else [bool(int(v)) for v in args.time_mask.split(",")],
+            bin_data=args.bin_data or False,
+            **{n: getattr(args, n) for n in names},
+        )
+    except ValueError as exc:  # a bad parameter value: say which, before any work
+        print(f"photref: error: {exc}", file=sys.stderr)
+        return 2
     products = run_prf(
         args.store,
         args.images,
@@ -150,11 +157,11 @@ def _cmd_prf(args) -> int:
         args.output,
         max_workers=args.max_workers,
         dask_address=args.dask_address,
-        frame_index=frame_index,
-        time_mask=time_mask,
-        bin_data=args.bin_data or False,
+        params=params,
+        strict=args.strict,
+        as_photometry=args.as_photometry,
+        zero_point=args.zero_point,
         plot=not args.no_plot,
-        **{n: getattr(args, n) for n in names},
     )
     print(json.dumps(products, indent=2, default=str))
     return 0

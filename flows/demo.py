@@ -15,6 +15,7 @@ from pathlib import Path
 
 def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 3, seed: int = 1) -> dict:
     """Simulate a field, ingest it and build its master, then a small PRF run; returns what was written."""
+    from photref_core.prf.parameters import PRFParameters
     from photref_core.simulate.images import simulate_images
     from photref_core.simulate.photometry import simulate_photometry
 
@@ -41,7 +42,7 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
         [str(Path(images["paths"][0]).parent / "*.fits")],
         images["catalog"],
         out / "prf_fluxes.fits",
-        rmax=1.1,
+        params=PRFParameters(rmax=1.1),
     )
     t_prf = time.perf_counter() - t0
     summary = {

@@ -14,12 +14,11 @@ killed half-way redo nothing that was done.
 from __future__ import annotations
 
 import os
-from typing import Literal
 
 from prefect import flow
 from prefect.futures import as_completed
 
-from photref_core.prf.parameters import PRF_DEFAULTS, PSF_ZERO_POINT, PRFParameters
+from photref_core.prf.parameters import PSF_ZERO_POINT, PRFParameters
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks.prf import (
@@ -46,21 +45,7 @@ def solve_prf(
     images: list[str],
     catalog: str,
     output: str,
-    sources_flux_column: str = PRF_DEFAULTS["sources_flux_column"],
-    n_r_knots: int = PRF_DEFAULTS["n_r_knots"],
-    n_phi_knots: int = PRF_DEFAULTS["n_phi_knots"],
-    rmin: float = PRF_DEFAULTS["rmin"],
-    rmax: float = PRF_DEFAULTS["rmax"],
-    cut_r: float = PRF_DEFAULTS["cut_r"],
-    sparse_dist_lim: float = PRF_DEFAULTS["sparse_dist_lim"],
-    time_mask: list[bool] | None = None,
-    flux_cut_off: float | None = PRF_DEFAULTS["flux_cut_off"],
-    frame_index: Literal["mean"] | int = PRF_DEFAULTS["frame_index"],
-    bin_data: bool | int = PRF_DEFAULTS["bin_data"],
-    prior_mu: float | None = PRF_DEFAULTS["prior_mu"],
-    prior_sigma: float | None = PRF_DEFAULTS["prior_sigma"],
-    fit_background: bool = PRF_DEFAULTS["fit_background"],
-    refine_iterations: int = PRF_DEFAULTS["refine_iterations"],
+    params: PRFParameters = PRFParameters(),  # noqa: B008 - never changed: one shared default is safe
     strict: bool = False,
     frames_per_chunk: int = 8,
     plot: bool = True,
@@ -81,11 +66,9 @@ def solve_prf(
     output : str
         Long-format flux table (FITS): frame_id, source_id, flux, flux_err, flag. A PNG of the shape
         model is written beside it (``<name>_prf.png``).
-    sources_flux_column, n_r_knots, n_phi_knots, rmin, rmax, cut_r, sparse_dist_lim, time_mask,
-    flux_cut_off, frame_index, bin_data, prior_mu, prior_sigma, fit_background
-        The PRF parameters (psfmachine / RomanCuts ``Machine`` names; radii in arcsec).
-    refine_iterations : int
-        Most iterations of the joint all-pixel refinement of the shape model (0: off).
+    params : PRFParameters
+        The PRF parameters (psfmachine / RomanCuts ``Machine`` names; radii in arcsec). As JSON (a
+        deployment, the UI form): the scalar fields, ``time_mask`` and the priors as lists.
     strict : bool
         Fail on a bad image instead of quarantining it.
     frames_per_chunk : int
@@ -109,23 +92,6 @@ def solve_prf(
 
     # One spelling of every path (a relative store path would miss the cache of an absolute one).
     store, catalog, output = store_url(store), os.path.abspath(catalog), os.path.abspath(output)
-    params = PRFParameters(
-        n_r_knots=n_r_knots,
-        n_phi_knots=n_phi_knots,
-        rmin=rmin,
-        rmax=rmax,
-        cut_r=cut_r,
-        sparse_dist_lim=sparse_dist_lim,
-        sources_flux_column=sources_flux_column,
-        time_mask=time_mask,
-        flux_cut_off=flux_cut_off,
-        frame_index=frame_index,
-        bin_data=bin_data,
-        prior_mu=prior_mu,
-        prior_sigma=prior_sigma,
-        fit_background=fit_background,
-        refine_iterations=refine_iterations,
-    )
     with store_run(store, timeout=lock_timeout):
         plan = plan_image_ingestion(store, expand_frame_paths(images), strict, frames_per_chunk)
         futures = [ingest_image_batch.submit(store, batch, strict) for batch in plan.batches]

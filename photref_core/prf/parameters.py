@@ -120,12 +120,12 @@ class PRFParameters:
     cut_r: float = 0.2
     sparse_dist_lim: float = 4.0
     sources_flux_column: str = "flux"
-    time_mask: np.ndarray | None = None
+    time_mask: list[bool] | np.ndarray | None = None
     flux_cut_off: float | None = None
     frame_index: str | int = "mean"
     bin_data: bool | int | None = False
-    prior_mu: np.ndarray | float | None = None
-    prior_sigma: np.ndarray | float | None = None
+    prior_mu: float | list[float] | np.ndarray | None = None
+    prior_sigma: float | list[float] | np.ndarray | None = None
     prior_sigma_factor: float = 10.0
     shape_prior_sigma: float = 1.0
     shape_phi_smooth: float | None = 0.1

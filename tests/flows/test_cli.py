@@ -38,3 +38,29 @@ def test_a_bad_master_value_is_a_clear_error_before_any_work(prefect_server, tmp
     err = capsys.readouterr().err
     assert "\nphotref: error: " in err and "outlier_threshold" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_prf_options_make_one_prf_parameters(prefect_server, tmp_path, capsys, monkeypatch):
+    """``photref prf`` builds one PRFParameters from its options and hands it to the flow; a bad value
+    is refused before any work, naming the parameter."""
+    import flows.prf
+    from photref_core.prf.parameters import PRF_DEFAULTS, PRFParameters
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    seen = {}
+
+    def run_prf(store, images, catalog, output, **kwargs):  # stands in for the flow: what it is given
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(flows.prf, "run_prf", run_prf)
+    prf = ["prf", str(tmp_path / "s.zarr"), "i.fits", "--catalog", "c.fits", "--output", "f.fits"]
+    assert main(prf + ["--rmax", "1.1", "--time-mask", "1,0,1", "--frame-index", "2", "--as-photometry"]) == 0
+    params = seen["params"]
+    assert isinstance(params, PRFParameters)
+    assert (params.rmax, params.frame_index, params.time_mask.tolist()) == (1.1, 2, [True, False, True])
+    assert params.n_r_knots == PRF_DEFAULTS["n_r_knots"] and seen["as_photometry"] is True
+    assert main(prf + ["--rmin", "3", "--rmax", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "photref: error: " in err and "rmin" in err
+    assert not any(tmp_path.iterdir())

@@ -56,7 +56,7 @@ def run(store, paths, catalog, output, **kw):
         images=[str(p) for p in paths],
         catalog=str(catalog),
         output=str(output),
-        rmax=1.1,
+        params=PRFParameters(rmax=1.1),
         return_state=True,
         **kw,
     )
