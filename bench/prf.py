@@ -174,7 +174,7 @@ def run_case(nsrc, nframes, n_dense, seed=0):
     build_geometry(field["wcs"], (field["size"],) * 2, field["ra"], field["dec"], params.sparse_dist_lim)
     t_geom = time.perf_counter() - t
     X = model.mean_model
-    plan = model._plan()
+    plan = model.frames.plan()
     density = (plan.P.shape[0]) / nsrc**2
     # Fit: batches of BATCH frames; per-frame time = median over batches of (batch time / frames).
     per_batch = []

@@ -9,8 +9,11 @@ from __future__ import annotations
 import numpy as np
 from astropy.wcs import WCS
 
+from ..errors import BadInputError
+
 __all__ = [
     "as_stack",
+    "check_catalog",
     "check_frames",
     "check_sources",
     "gather_pixels",
@@ -197,3 +200,25 @@ def check_frames(params, nt: int) -> np.ndarray:
         if not tm[fi]:
             raise ValueError(f"PRF parameter frame_index={fi} is excluded by time_mask")
     return tm
+
+
+def check_catalog(catalog, params, catalog_path=None) -> None:
+    """A catalog the PRF model can use: ``source_id``, ``ra``, ``dec`` and ``params.sources_flux_column``,
+    and at least one row.
+
+    Raises
+    ------
+    BadInputError
+        Naming ``catalog_path`` and the missing columns (or that it is empty).
+    """
+    names = catalog.colnames if hasattr(catalog, "colnames") else list(catalog)
+    need = ["source_id", "ra", "dec", params.sources_flux_column]
+    missing = [c for c in need if c not in names]
+    if missing:
+        raise BadInputError(
+            catalog_path,
+            f"catalog lacks column(s) {missing} needed for PRF photometry "
+            f"(sources_flux_column={params.sources_flux_column!r})",
+        )
+    if len(catalog["ra"]) == 0:
+        raise BadInputError(catalog_path, "catalog is empty")

@@ -64,18 +64,25 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-from ..errors import BadInputError
 from ..ingest.readers import default_error
 from .cache import FrameModels
-from .fluxfit import fit_frames, solve_reference
+from .fluxfit import fit_frames
 from .geometry import Geometry
-from .inputs import as_stack, check_frames, check_sources, mask_stack, per_frame_wcs, reference_epochs
+from .inputs import (
+    as_stack,
+    check_catalog,
+    check_frames,
+    check_sources,
+    mask_stack,
+    per_frame_wcs,
+    reference_epochs,
+)
 from .metrics import PSFMetrics, psf_metrics
 from .parameters import PRFParameters
 from .serialise import load_model, model_from_arrays, model_to_arrays, save_model
 from .shape import ShapeModel
 from .shapefit import fit_shape
-from .solver import FitResult, SolvePlan
+from .solver import FitResult
 
 __all__ = ["PRFModel"]
 
@@ -163,17 +170,6 @@ class PRFModel:
         """Normalised PRF of every source on the reference frame (nsources x npixels, CSR)."""
         return self.frames.model_for()
 
-    def _plan(self, wcs=None, shape=None) -> SolvePlan:
-        return self.frames.plan(wcs, shape)
-
-    def _drop_models(self):
-        """Forget the model matrices after a change of the shape (geometry and plan structure stay)."""
-        self.frames.drop_models()
-
-    def _solve_reference(self, epoch, raw=False):
-        """Prior-free fit of a reference image (:func:`~.fluxfit.solve_reference`)."""
-        return solve_reference(self, epoch, raw=raw)
-
     # -- build ------------------------------------------------------------------------------------------
     @classmethod
     def from_catalog(cls, flux, flux_err, wcs, catalog, params=None, mask=None, catalog_path=None):
@@ -193,17 +189,7 @@ class PRFModel:
         PRFModel
         """
         params = PRFParameters() if params is None else params
-        names = catalog.colnames if hasattr(catalog, "colnames") else list(catalog)
-        need = ["source_id", "ra", "dec", params.sources_flux_column]
-        missing = [c for c in need if c not in names]
-        if missing:
-            raise BadInputError(
-                catalog_path,
-                f"catalog lacks column(s) {missing} needed for PRF photometry "
-                f"(sources_flux_column={params.sources_flux_column!r})",
-            )
-        if len(catalog["ra"]) == 0:
-            raise BadInputError(catalog_path, "catalog is empty")
+        check_catalog(catalog, params, catalog_path)
         return cls.build(
             flux,
             flux_err,

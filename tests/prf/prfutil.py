@@ -55,5 +55,5 @@ def setup_field(tmp, sim_kw, params_kw, per_frame_wcs=False):
 
 
 def isolated(f):
-    plan = f["model"]._plan()
+    plan = f["model"].frames.plan()
     return (plan.group_sizes[plan.labels] == 1) & (f["pair"] < 0) & ~f["edge"]

@@ -77,7 +77,7 @@ def test_grouped_solution_equals_dense_solve(tmp_path, fit_background, monkeypat
     )
     f = setup_field(tmp_path, sim_kw, dict(MAIN_PARAMS, fit_background=fit_background))
     m = f["model"]
-    plan = m._plan()
+    plan = m.frames.plan()
     assert plan.n_groups < m.nsources  # overlapping groups exist
     flux = f["flux"]
     res = m.fit(flux, f["err"], mask=f["mask"], return_model=True)

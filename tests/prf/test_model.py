@@ -53,7 +53,7 @@ def test_crowded_pairs_unbiased(main):
     ref = main["true"] * main["ee"]
     members = np.flatnonzero(main["pair"] >= 0)
     assert members.size == 6
-    plan = main["model"]._plan()
+    plan = main["model"].frames.plan()
     for i in members:  # each pair is one group of two overlapping sources, solved jointly
         assert plan.group_sizes[plan.labels[i]] >= 2
         d = main["res"].flux[:, i] - ref[:, i]

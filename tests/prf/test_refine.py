@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
+from photref_core.prf.fluxfit import solve_reference
 from photref_core.prf.model import PRFModel
 from photref_core.prf.parameters import PRFParameters
 from photref_core.prf.refine import JointPixels, refine_shape
@@ -166,15 +167,15 @@ def test_damped_steps_never_raise_the_objective(tmp_path):
     sm, g = model.shape, model.geometry()
     sm.weights = sm.weights + np.random.default_rng(1).normal(0.0, 0.3, sm.nbasis)
     sm.normalise()
-    model._drop_models()
+    model.frames.drop_models()
     p = dataclasses.replace(model.params, refine_iterations=50, refine_max_step=0.25)
     diag = refine_shape(
         sm,
         [JointPixels(sm, g, epoch)],
-        lambda: [model._solve_reference(epoch, raw=True)[0]],
+        lambda: [solve_reference(model, epoch, raw=True)[0]],
         sm.weights.copy(),
         p,
-        on_shape_change=model._drop_models,
+        on_shape_change=model.frames.drop_models,
     )
     assert diag["refine_converged"]
     assert max(diag["refine_max_dw"]) <= 0.25 + 1e-12
