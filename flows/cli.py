@@ -54,6 +54,27 @@ def _model_options(group, model) -> None:
         )
 
 
+def _parameters(cls, **values):
+    """``cls(**values)`` for a parameters object; a bad value becomes a :class:`PhotrefError` with the
+    object's own message (``photref: error: ...``, exit 2, before any work)."""
+    from photref_core.errors import PhotrefError
+
+    try:
+        return cls(**values)
+    except ValueError as exc:  # pydantic's ValidationError is one too
+        raise PhotrefError(str(exc)) from exc
+
+
+def _frame_index(text: str):
+    """``--frame-index``: 'mean' or a frame index."""
+    return text if text == "mean" else int(text)
+
+
+def _time_mask(text: str) -> list[bool]:
+    """``--time-mask``: comma-separated 0/1 per frame."""
+    return [bool(int(v)) for v in text.split(",")]
+
+
 def _cmd_simulate_photometry(args) -> int:
     from photref_core.simulate.photometry import simulate_photometry
 
@@ -111,7 +132,9 @@ def _cmd_master(args) -> int:
         args.output,
         max_workers=args.max_workers,
         dask_address=args.dask_address,
-        params=MasterParameters(**{name: getattr(args, name) for name in MasterParameters.model_fields}),
+        params=_parameters(
+            MasterParameters, **{name: getattr(args, name) for name in MasterParameters.model_fields}
+        ),
         frames=args.frames,
         strict=args.strict,
         block_mib=args.block_mib,
@@ -140,16 +163,13 @@ def _cmd_prf(args) -> int:
         "fit_background",
         "refine_iterations",
     )
-    try:
-        params = PRFParameters(
-            frame_index=args.frame_index if args.frame_index == "mean" else int(args.frame_index),
-            time_mask=None if args.time_mask is None else [bool(int(v)) for v in args.time_mask.split(",")],
-            bin_data=args.bin_data or False,
-            **{n: getattr(args, n) for n in names},
-        )
-    except ValueError as exc:  # a bad parameter value: say which, before any work
-        print(f"photref: error: {exc}", file=sys.stderr)
-        return 2
+    params = _parameters(
+        PRFParameters,
+        frame_index=args.frame_index,
+        time_mask=args.time_mask,
+        bin_data=args.bin_data or False,
+        **{n: getattr(args, n) for n in names},
+    )
     products = run_prf(
         args.store,
         args.images,
@@ -233,10 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cut-r", type=float, default=PRF_DEFAULTS["cut_r"], help="arcsec")
     p.add_argument("--sparse-dist-lim", type=float, default=PRF_DEFAULTS["sparse_dist_lim"], help="arcsec")
     p.add_argument(
-        "--time-mask", default=None, help="comma-separated 0/1 per frame: frames for the shape model"
+        "--time-mask",
+        type=_time_mask,
+        default=None,
+        help="comma-separated 0/1 per frame: frames for the shape model",
     )
     p.add_argument("--flux-cut-off", type=float, default=None, help="data units")
-    p.add_argument("--frame-index", default=PRF_DEFAULTS["frame_index"], help="'mean' or a frame index")
+    p.add_argument(
+        "--frame-index",
+        type=_frame_index,
+        default=PRF_DEFAULTS["frame_index"],
+        help="'mean' or a frame index",
+    )
     p.add_argument("--bin-data", type=int, default=0, help="bin the shape fit on an NxN grid (0: off)")
     p.add_argument("--prior-mu", type=float, default=None)
     p.add_argument("--prior-sigma", type=float, default=None)
@@ -278,13 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         from flows.server import connect_to_server
 
         connect_to_server()
-    from pydantic import ValidationError
-
     from photref_core.errors import PhotrefError
 
     try:
         return args.func(args)
-    except (PhotrefError, ValidationError) as exc:  # a bad input file or a bad parameter value
+    except PhotrefError as exc:  # a bad input file or a bad parameter value
         print(f"photref: error: {exc}", file=sys.stderr)
         return 2
 
