@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ingest.readers import default_error
-from .inputs import as_stack, gather_pixels, mask_stack, per_frame_wcs
+from .inputs import frame_stacks, gather_pixels, per_frame_wcs
 from .solver import FLAG_LOW_COVERAGE, FLAG_SOLVE_FAILED, FitResult
 
 __all__ = ["fit_frames", "solve_batch", "solve_reference"]
@@ -30,12 +29,8 @@ def fit_frames(
 ) -> FitResult:
     """The work of :meth:`PRFModel.fit <photref_core.prf.model.PRFModel.fit>` (documented there) for
     ``model``; returns a :class:`~.solver.FitResult`."""
-    flux = as_stack(flux, "flux")
+    flux, err, mask = frame_stacks(flux, flux_err, mask, gain, rdnoise)
     T, ny, nx = flux.shape
-    err = default_error(flux, gain, rdnoise) if flux_err is None else as_stack(flux_err, "flux_err")
-    if err.shape != flux.shape:
-        raise ValueError(f"flux_err shape {err.shape} differs from flux shape {flux.shape}")
-    mask = mask_stack(mask, flux.shape)
     wcs_list = per_frame_wcs(model.wcs if wcs is None else wcs, T)
     mu = np.broadcast_to(
         np.asarray(model.prior_mu if prior_mu is None else prior_mu, float), (model.nsources,)

@@ -10,12 +10,14 @@ import numpy as np
 from astropy.wcs import WCS
 
 from ..errors import BadInputError
+from ..ingest.readers import default_error
 
 __all__ = [
     "as_stack",
     "check_catalog",
     "check_frames",
     "check_sources",
+    "frame_stacks",
     "gather_pixels",
     "mask_stack",
     "reference_epochs",
@@ -63,6 +65,23 @@ def gather_pixels(F, E, M, pix):
     with np.errstate(divide="ignore", invalid="ignore"):
         W = np.where(good, 1.0 / (E * E), 0.0)
     return np.where(good, F, 0.0), W, good
+
+
+def frame_stacks(flux, flux_err, mask, gain: float, rdnoise: float):
+    """The frames, their errors and their bad-pixel mask as stacks of one shape (:func:`as_stack`,
+    :func:`mask_stack`); ``flux_err`` None: :func:`~photref_core.ingest.readers.default_error` with
+    ``gain`` and ``rdnoise``.
+
+    Raises
+    ------
+    ValueError
+        When the errors or the mask do not have the frames' shape.
+    """
+    flux = as_stack(flux, "flux")
+    err = default_error(flux, gain, rdnoise) if flux_err is None else as_stack(flux_err, "flux_err")
+    if err.shape != flux.shape:
+        raise ValueError(f"flux_err shape {err.shape} differs from flux shape {flux.shape}")
+    return flux, err, mask_stack(mask, flux.shape)
 
 
 def mask_stack(mask, shape):

@@ -64,16 +64,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-from ..ingest.readers import default_error
 from .cache import FrameModels
 from .fluxfit import fit_frames
 from .geometry import Geometry
 from .inputs import (
-    as_stack,
     check_catalog,
     check_frames,
     check_sources,
-    mask_stack,
+    frame_stacks,
     per_frame_wcs,
     reference_epochs,
 )
@@ -244,12 +242,8 @@ class PRFModel:
         PRFModel
         """
         params = PRFParameters() if params is None else params.validate()
-        flux = as_stack(flux, "flux")
+        flux, err, mask = frame_stacks(flux, flux_err, mask, gain, rdnoise)
         nt, ny, nx = flux.shape
-        err = default_error(flux, gain, rdnoise) if flux_err is None else as_stack(flux_err, "flux_err")
-        if err.shape != flux.shape:
-            raise ValueError(f"flux_err shape {err.shape} differs from flux shape {flux.shape}")
-        mask = mask_stack(mask, flux.shape)
         wcs_list = per_frame_wcs(wcs, nt)
         ra, dec, f0, sids = check_sources(ra, dec, flux_estimate, source_ids, params)
         tm = check_frames(params, nt)
