@@ -25,13 +25,17 @@ from ..store.schema import (
     FRAME_META,
     INGESTED,
     QUARANTINED,
+    SOURCE_COLUMNS_GROUP,
     committed_sizes,
     content_version,
     create_data_arrays,
+    create_source_columns,
     create_store,
     frames_per_chunk_for,
     open_store,
+    resize_source_columns,
     source_axis_chunking,
+    source_column_names,
     store_exists,
     store_url,
 )
@@ -157,8 +161,11 @@ class PhotometryRules(FrameRules):
             for name in ("source_id", "in_catalog"):
                 group[name].resize((n_sources,))
             group["source_id"][old_ids.size :] = extra
+            resize_source_columns(group, n_sources=n_sources)
         if self.catalog is not None:
             group["in_catalog"][:] = np.isin(np.concatenate([old_ids, extra]), self.catalog_ids)
+        # Extra per-source columns (x, y, ...): the union over the frames, created before any writer.
+        create_source_columns(group, {name for f in accepted for name in f.header.extra_columns})
         return group
 
     def resize_frames(self, group, n_frames):
@@ -167,6 +174,7 @@ class PhotometryRules(FrameRules):
             arr.resize((n_frames, arr.shape[1], arr.shape[2]))
         for name in FRAME_META + ("frame_state",):
             group[name].resize((n_frames,))
+        resize_source_columns(group, n_frames=n_frames)
 
     def drop_uncommitted(self, group):
         n_frames, n_sources = committed_sizes(group)
@@ -178,6 +186,7 @@ class PhotometryRules(FrameRules):
             group[name].resize((n_sources,))
         for name in FRAME_META + ("frame_state",):
             group[name].resize((n_frames,))
+        resize_source_columns(group, n_frames, n_sources)
 
     def data_array(self, group):
         return group["mag"]
@@ -265,12 +274,16 @@ def ingest_batch(store, batch: FrameBatch, strict: bool = False, reader=read_fra
     lo, hi = min(batch.slots), max(batch.slots) + 1
     mag = mag_arr[lo:hi]
     err = err_arr[lo:hi]
+    column_arrays = {name: group[SOURCE_COLUMNS_GROUP][name] for name in source_column_names(group)}
+    columns = {name: array[lo:hi] for name, array in column_arrays.items()}
     states = group["frame_state"][lo:hi]
     results = []
     for slot, path, frame_id in zip(batch.slots, batch.paths, batch.frame_ids, strict=True):
         k = slot - lo
         mag[k, :, :n_file_phot] = np.nan
         err[k, :, :n_file_phot] = np.nan
+        for values in columns.values():
+            values[k] = np.nan
         try:
             frame = retry_transient(reader, path)
             if frame.header.frame_id != frame_id:
@@ -289,6 +302,10 @@ def ingest_batch(store, batch: FrameBatch, strict: bool = False, reader=read_fra
             cols = sorter[pos]
             mag[k, cols, :n_file_phot] = frame.mag
             err[k, cols, :n_file_phot] = frame.mag_err
+            for name, values in frame.columns.items():
+                if name not in columns:
+                    raise BadInputError(path, f"has column {name!r}, which it did not have when planned")
+                columns[name][k, cols] = values
             states[k] = INGESTED
             results.append(FrameResult(path, frame_id, slot, INGESTED, None, int(good.sum())))
         except BadInputError as exc:
@@ -296,12 +313,16 @@ def ingest_batch(store, batch: FrameBatch, strict: bool = False, reader=read_fra
                 raise
             mag[k] = np.nan  # a quarantined frame keeps no photometry at all
             err[k] = np.nan
+            for values in columns.values():
+                values[k] = np.nan
             states[k] = QUARANTINED
             results.append(FrameResult(path, frame_id, slot, QUARANTINED, exc.problem, 0))
     # Data first, marker last: a frame is ingested only once its rows are written.
     dtype = mag_arr.dtype
     mag_arr[lo:hi] = mag.astype(dtype, copy=False)
     err_arr[lo:hi] = err.astype(dtype, copy=False)
+    for name, array in column_arrays.items():
+        array[lo:hi] = columns[name].astype(array.dtype, copy=False)
     group["frame_state"][lo:hi] = states
     return results
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fitsio
@@ -24,6 +24,7 @@ __all__ = [
     "FITS_SUFFIXES",
     "FrameHeader",
     "FramePhotometry",
+    "RESERVED_COLUMNS",
     "TIME_KEYWORDS",
     "cfitsio_problem",
     "check_fits_file",
@@ -47,6 +48,10 @@ TIME_KEYWORDS = ("JD", "MJD-OBS", "DATE-OBS")
 
 _SCALAR_COLUMN = re.compile(r"^(mag|mag_err)_(\d+)$")
 
+#: Names an extra per-source column may not take: the photometry's own, and the fit variable
+#: ``magnitude`` (the reference magnitude in a fit-terms expression).
+RESERVED_COLUMNS = frozenset({"source_id", "mag", "mag_err", "magnitude"})
+
 
 @dataclass(frozen=True)
 class FrameHeader:
@@ -57,15 +62,18 @@ class FrameHeader:
     time: float  # Julian date (UTC), NaN when the frame has no time keyword
     source_id: np.ndarray  # uint64
     n_photometries: int
+    extra_columns: tuple[str, ...] = ()  # per-source numeric columns besides the photometry (x, y, ...)
 
 
 @dataclass(frozen=True)
 class FramePhotometry:
-    """One frame's photometry (SPEC 1.1): ``mag`` and ``mag_err`` have shape (nsources, P)."""
+    """One frame's photometry (SPEC 1.1): ``mag`` and ``mag_err`` have shape (nsources, P); ``columns``
+    the frame's extra per-source numeric columns (``x``, ``y``, ...), float64, in the same row order."""
 
     header: FrameHeader
     mag: np.ndarray
     mag_err: np.ndarray
+    columns: dict = field(default_factory=dict)
 
 
 def is_fits(path: str | os.PathLike) -> bool:
@@ -233,6 +241,9 @@ class _OpenedFrame:
                 dtype = hdu.get_rec_dtype()[0]
                 self.names = list(dtype.names)
                 self.shapes = {n: dtype[n].shape for n in self.names if n in ("mag", "mag_err")}
+                self.scalar_numeric = [
+                    n for n in self.names if dtype[n].shape == () and dtype[n].kind in "iuf"
+                ]
                 if hdu.get_nrows() == 0:
                     raise BadInputError(self.path, "the binary table is empty")
             else:
@@ -241,6 +252,9 @@ class _OpenedFrame:
                 self.meta = {str(k).upper(): v for k, v in table.meta.items()}
                 self.names = list(table.colnames)
                 self.shapes = {n: table[n].shape[1:] for n in self.names if n in ("mag", "mag_err")}
+                self.scalar_numeric = [
+                    n for n in self.names if table[n].ndim == 1 and table[n].dtype.kind in "iuf"
+                ]
         except BadInputError:
             self.close()
             raise
@@ -262,6 +276,12 @@ class _OpenedFrame:
         except Exception as exc:
             raise BadInputError(self.path, f"cannot read column '{name}' ({cfitsio_problem(exc)})") from exc
 
+    def float_column(self, name) -> np.ndarray:
+        """A numeric column as float64, masked entries (a Table's masked column) as NaN."""
+        if self._fits is None:
+            return np.ma.asarray(self.data[name], dtype=np.float64).filled(np.nan)
+        return self.column(name).astype(np.float64)
+
     def close(self):
         if self._fits is not None:
             self._fits.close()
@@ -274,6 +294,15 @@ class _OpenedFrame:
         self.close()
 
 
+def _extra_columns(frame: _OpenedFrame) -> tuple[str, ...]:
+    """The frame's per-source numeric scalar columns other than the photometry, in file order."""
+    return tuple(
+        name
+        for name in frame.scalar_numeric
+        if name not in RESERVED_COLUMNS and not _SCALAR_COLUMN.match(name)
+    )
+
+
 def _header(frame: _OpenedFrame) -> tuple[FrameHeader, tuple]:
     layout = _column_layout(frame.names, frame.shapes, frame.path)
     header = FrameHeader(
@@ -282,6 +311,7 @@ def _header(frame: _OpenedFrame) -> tuple[FrameHeader, tuple]:
         time=time_from_meta(frame.meta, frame.path),
         source_id=source_ids_of(frame.column("source_id"), frame.path),
         n_photometries=layout[3],
+        extra_columns=_extra_columns(frame),
     )
     return header, layout
 
@@ -342,7 +372,8 @@ def read_frame(path: str | os.PathLike) -> FramePhotometry:
                 )
         except (TypeError, ValueError) as exc:
             raise BadInputError(path, f"magnitude columns are not numeric ({exc})") from exc
-    return FramePhotometry(header=header, mag=mag, mag_err=mag_err)
+        columns = {name: frame.float_column(name) for name in header.extra_columns}
+    return FramePhotometry(header=header, mag=mag, mag_err=mag_err, columns=columns)
 
 
 def valid_measurements(mag: np.ndarray, mag_err: np.ndarray) -> np.ndarray:

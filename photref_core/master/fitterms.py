@@ -204,6 +204,7 @@ class _Builder:
         self.terms: list[_Term] = []
         self._term_index: dict[str, int] = {}
         self.variables: set[str] = set()
+        self.literal_terms: set[int] = set()  # terms written in a literal set {..}
 
     # --- arithmetic inside one term -----------------------------------------------------------
     def _ast(self, node, depth: int) -> tuple:
@@ -277,7 +278,9 @@ class _Builder:
 
     def set_columns(self, node: Tree) -> list[_Column]:
         if node.data == "literal_set":
-            return [((index, 1),) for index in (self.term(child) for child in node.children)]
+            indices = [self.term(child) for child in node.children]
+            self.literal_terms.update(indices)
+            return [((index, 1),) for index in indices]
         order_token, *term_nodes = node.children
         indices = [self.term(child) for child in term_nodes]
         return _polynomial_columns(indices, int(order_token))
@@ -366,14 +369,25 @@ class FitTerms:
         The column names the expression uses (``'magnitude'`` included when used).
     """
 
-    __slots__ = ("_expression", "_terms", "_columns", "_variables", "_names")
+    __slots__ = ("_expression", "_terms", "_columns", "_variables", "_names", "_rescalable")
 
-    def __init__(self, expression: str, terms: list[_Term], columns: list[_Column], variables: frozenset):
+    def __init__(
+        self,
+        expression: str,
+        terms: list[_Term],
+        columns: list[_Column],
+        variables: frozenset,
+        literal_terms: Iterable[int] = (),
+    ):
         object.__setattr__(self, "_expression", expression)
         object.__setattr__(self, "_terms", tuple(terms))
         object.__setattr__(self, "_columns", tuple(columns))
         object.__setattr__(self, "_variables", frozenset(variables))
         object.__setattr__(self, "_names", tuple(self._column_name(column) for column in columns))
+        literal = set(literal_terms)
+        object.__setattr__(
+            self, "_rescalable", tuple(i not in literal and not t.is_one for i, t in enumerate(terms))
+        )
 
     def __setattr__(self, name, value):
         raise AttributeError("FitTerms is immutable")
@@ -417,6 +431,25 @@ class FitTerms:
     def n_terms(self) -> int:
         """Number of expanded columns."""
         return len(self._columns)
+
+    @property
+    def inner_terms(self) -> list[str]:
+        """The distinct terms written inside the braces (their text), in the order of
+        :meth:`term_values`."""
+        return [term.text for term in self._terms]
+
+    @property
+    def rescalable(self) -> np.ndarray:
+        """Per inner term: whether replacing its values ``t`` by ``(t - c) / s`` leaves the span of the
+        expanded columns (so a least-squares model built on them) unchanged.
+
+        True for a term that appears only in polynomial sets ``O<k>{..}`` (the monomials of degree <= k of
+        affinely mapped terms span the same space, and products and sums of such sets keep that); False
+        for a term written in a literal set ``{..}`` and for the literal ``1``. A fit uses this to centre
+        and scale its variables, which a design of raw magnitudes and pixel coordinates needs (condition
+        number ~1e12 for ``O3{phot_g_mean_mag, x, y}`` otherwise).
+        """
+        return np.array(self._rescalable, dtype=bool)
 
     def _column_name(self, column: _Column) -> str:
         factors = [(self._terms[index], power) for index, power in column if not self._terms[index].is_one]
@@ -479,6 +512,27 @@ class FitTerms:
         ValueError
             When the used columns are not one-dimensional or differ in length.
         """
+        return self.expand(self.term_values(columns))
+
+    def term_values(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The value of every inner term (:attr:`inner_terms`) for every star.
+
+        Parameters
+        ----------
+        columns : mapping of str to 1-D array
+            As :meth:`evaluate`.
+
+        Returns
+        -------
+        numpy.ndarray
+            Float64 array of shape ``(nstars, len(inner_terms))``; :meth:`expand` turns it into the
+            expanded columns.
+
+        Raises
+        ------
+        FitTermsError, ValueError
+            As :meth:`evaluate`.
+        """
         self.check_columns(columns.keys())
         values = {name: _as_float_column(name, columns[name]) for name in sorted(self._variables)}
         lengths = {name: array.shape[0] for name, array in values.items()}
@@ -493,17 +547,38 @@ class FitTerms:
                     "column so that the number of stars is known"
                 )
             nstars = len(np.asarray(next(iter(columns.values()))))
-        result = np.empty((nstars, len(self._columns)), dtype=np.float64)
+        result = np.empty((nstars, len(self._terms)), dtype=np.float64)
         with np.errstate(all="ignore"):
-            term_values = [
-                np.broadcast_to(np.asarray(_evaluate_ast(term.ast, values), dtype=np.float64), (nstars,))
-                for term in self._terms
-            ]
+            for i, term in enumerate(self._terms):
+                result[:, i] = np.asarray(_evaluate_ast(term.ast, values), dtype=np.float64)
+        return result
+
+    def expand(self, term_values: np.ndarray) -> np.ndarray:
+        """The expanded columns from the inner terms' values.
+
+        Parameters
+        ----------
+        term_values : numpy.ndarray
+            Shape ``(..., len(inner_terms))``, e.g. from :meth:`term_values` (any leading shape: a batch
+            of frames is ``(frames, stars, len(inner_terms))``).
+
+        Returns
+        -------
+        numpy.ndarray
+            Float64, shape ``(..., n_terms)``.
+        """
+        term_values = np.asarray(term_values, dtype=np.float64)
+        if term_values.shape[-1] != len(self._terms):
+            raise ValueError(
+                f"{self._expression!r} has {len(self._terms)} inner terms, got {term_values.shape[-1]} values"
+            )
+        result = np.empty(term_values.shape[:-1] + (len(self._columns),), dtype=np.float64)
+        with np.errstate(all="ignore"):
             for j, column in enumerate(self._columns):
-                out = result[:, j]
-                out[:] = 1.0
+                out = result[..., j]
+                out[...] = 1.0
                 for index, power in column:
-                    value = term_values[index]
+                    value = term_values[..., index]
                     out *= value if power == 1 else np.power(value, power)
         return result
 
@@ -560,4 +635,4 @@ def parse_fit_terms(expression: str) -> FitTerms:
                 continue
             seen_constant = True
         kept.append(column)
-    return FitTerms(expression, builder.terms, kept, frozenset(builder.variables))
+    return FitTerms(expression, builder.terms, kept, frozenset(builder.variables), builder.literal_terms)

@@ -41,8 +41,10 @@ if TYPE_CHECKING:  # xarray (and pandas under it) costs ~0.35 s to import: only 
 
 __all__ = [
     "build_master",
+    "catalog_columns",
     "compute_statistics",
     "fit_statistics",
+    "frames_used",
     "load_results",
     "merge_results",
     "photometry_summary",
@@ -81,7 +83,9 @@ def validate_fit_terms(fit_terms: str, catalog) -> FitTerms:
     return terms
 
 
-def compute_statistics(store, params: MasterParameters, block_bytes: int = DEFAULT_BLOCK_BYTES) -> str:
+def compute_statistics(
+    store, params: MasterParameters, block_bytes: int = DEFAULT_BLOCK_BYTES, data_group: str | None = None
+) -> str:
     """Statistics with iterative rejection over the ingested frames (SPEC 3), stored in the store.
 
     Parameters
@@ -93,6 +97,10 @@ def compute_statistics(store, params: MasterParameters, block_bytes: int = DEFAU
     block_bytes : int
         Memory budget of one source block (out of core: peak memory ~ 6 x this x dask threads). A store
         whose ingested data fit in one block is computed in memory, without dask.
+    data_group : str, optional
+        Take ``mag``/``mag_err`` from this group of the store instead of the root: one iteration of
+        magnitude fitting (:mod:`photref_core.magfit.loop`), whose ``fitted`` (frame,) array says which
+        ingested frames it fitted and whose ``content_version`` attribute names its content.
 
     Returns
     -------
@@ -101,26 +109,28 @@ def compute_statistics(store, params: MasterParameters, block_bytes: int = DEFAU
     """
     url = os.fspath(store)
     group = open_store(url)
-    version = group.attrs.get("content_version", "")
+    data = group if data_group is None else group[data_group]
+    version = data.attrs.get("content_version", "")
     name = f"{RESULTS_GROUP}/statistics-{statistics_key(version, params)}"
     n_frames, n_src = committed_sizes(group)  # a plan killed half-way left no phantom slots in use
-    ingested = np.flatnonzero(frame_states(group, n_frames) == INGESTED)
+    used = frames_used(group, data_group)
+    ingested = np.flatnonzero(used)
     source_ids = group["source_id"][:n_src]
     in_catalog = group["in_catalog"][:n_src]
-    n_phot = group["mag"].shape[2]
+    n_phot = data["mag"].shape[2]
     if 8 * ingested.size * n_src * n_phot <= block_bytes:
         # The whole store fits in one block: read it straight into memory (no dask graph to build).
         # Whole chunks as a plain slice (zarr's orthogonal selection by index is ~50 % slower), then the
         # ingested frames (usually all of them) in memory.
-        mag = group["mag"][:n_frames, :n_src]
-        mag_err = group["mag_err"][:n_frames, :n_src]
+        mag = data["mag"][:n_frames, :n_src]
+        mag_err = data["mag_err"][:n_frames, :n_src]
         if ingested.size != n_frames:
             mag, mag_err = mag[ingested], mag_err[ingested]
         stats = source_statistics(mag, mag_err, params.rejection(), source_ids=source_ids)
     else:
         import xarray as xr
 
-        ds = xr.open_zarr(url, consolidated=False)
+        ds = xr.open_zarr(url, group=data_group, consolidated=False)
         stats = source_statistics_dask(
             ds["mag"].data[ingested, :n_src],
             ds["mag_err"].data[ingested, :n_src],
@@ -136,7 +146,17 @@ def compute_statistics(store, params: MasterParameters, block_bytes: int = DEFAU
     return name
 
 
-def _catalog_columns(catalog, source_ids: np.ndarray, in_catalog: np.ndarray) -> dict[str, np.ndarray]:
+def frames_used(group, data_group: str | None = None) -> np.ndarray:
+    """Bool per committed frame slot: the frames a master is built from (ingested; with a magnitude-fitting
+    ``data_group``, also fitted in that iteration)."""
+    n_frames = committed_sizes(group)[0]
+    used = frame_states(group, n_frames) == INGESTED
+    if data_group is not None:
+        used &= group[data_group]["fitted"][:n_frames]
+    return used
+
+
+def catalog_columns(catalog, source_ids: np.ndarray, in_catalog: np.ndarray) -> dict[str, np.ndarray]:
     """Catalog columns aligned with ``source_ids`` (NaN for stars not in the catalog)."""
     cat_ids = np.asarray(catalog["source_id"], dtype=np.uint64)
     pos = np.clip(np.searchsorted(cat_ids, source_ids), 0, max(cat_ids.size - 1, 0))
@@ -205,7 +225,7 @@ def scatter_fit_dataset(stats: xr.Dataset, catalog, params: MasterParameters) ->
     terms.check_columns(list(catalog.colnames) + ["magnitude"])
     source_ids = stats["source_id"].values
     in_catalog = stats["in_catalog"].values
-    columns = _catalog_columns(catalog, source_ids, in_catalog)
+    columns = catalog_columns(catalog, source_ids, in_catalog)
     enough = enough_flags(
         stats["rejected_count"].values, params.min_nobs_median_fraction, full_count=stats["full_count"].values
     )
@@ -276,8 +296,12 @@ def write_products(
     params: MasterParameters,
     extra_header: dict | None = None,
     plots: bool = True,
+    data_group: str | None = None,
 ) -> dict:
     """Write the master FITS, the statistics table (``*_stat.fits``) and the plots beside each other.
+
+    ``data_group``: the magnitude-fitting iteration the statistics were computed from (see
+    :func:`compute_statistics`); a frame its fit quarantined is listed in ``INMASTER`` as not included.
 
     Returns
     -------
@@ -288,7 +312,9 @@ def write_products(
     results = load_results(store, statistics_group, fit_group)
     catalog = read_catalog(catalog_path)
     frames = frame_table(store)
-    included = frames["state"] == "ingested"
+    included = np.asarray(frames["state"] == "ingested")
+    used = frames_used(open_store(store), data_group)
+    included[: used.size] &= used
     frames_out = frames[["frame_id", "path"]]
     frames_out["included"] = np.asarray(included)
     header = master_header(store, params, int(included.sum()))

@@ -18,6 +18,16 @@ Root group (frame photometry)::
            added), frames_per_chunk, axes (committed sizes), quarantine, content_version, catalog,
            frame_state_copy (the content version the copy matches; null while an ingestion runs)
 
+Group ``source_columns`` (only when the frames carry extra per-source numeric columns, SPEC 9)::
+
+    <name>            (frame, source)               float, one array per column (``x``, ``y``, ...), NaN
+                                                     where the frame has no such row or column
+    Same frame and source chunks as ``mag``: the writer of a frame chunk owns these chunks too.
+
+Group ``magfit`` (:mod:`photref_core.magfit`): ``magfit/run-<key>/iter<k>`` holds one iteration's
+fitted ``mag``, ``mag_err`` (frame, source, photometry) and ``fitted`` (frame,) with the same chunks as the
+root's; the run group's attributes hold the loop's history and its final iteration.
+
 Group ``results`` (:mod:`photref_core.store.groups`): ``results/statistics-<key>`` and
 ``results/fit-<key>``, xarray datasets (dims source x photometry) named after everything they depend on.
 
@@ -73,18 +83,22 @@ __all__ = [
     "PENDING",
     "QUARANTINED",
     "SCHEMA_VERSION",
+    "SOURCE_COLUMNS_GROUP",
     "TARGET_CHUNK_BYTES",
     "choose_chunks",
     "committed_sizes",
     "content_version",
     "create_data_arrays",
     "create_frame_axis",
+    "create_source_columns",
     "create_store",
     "frames_per_chunk_for",
     "open_dataset",
     "open_group",
     "open_store",
     "read_whole",
+    "resize_source_columns",
+    "source_column_names",
     "source_axis_chunking",
     "store_exists",
     "store_url",
@@ -107,6 +121,9 @@ DEFAULT_FRAMES_PER_CHUNK = 16
 
 
 FRAME_META = ("frame_id", "time", "frame_path", "frame_mtime_ns", "frame_size")
+
+
+SOURCE_COLUMNS_GROUP = "source_columns"
 
 
 def store_url(store) -> str:
@@ -253,6 +270,45 @@ def create_data_arrays(group, shape, chunks, dtype) -> None:
             attributes={"coordinates": "frame_id time source_id"},
             compressors=BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
         )
+
+
+def source_column_names(group) -> list[str]:
+    """The extra per-source columns a store keeps (sorted), ``[]`` when its frames carry none."""
+    if SOURCE_COLUMNS_GROUP not in group:
+        return []
+    return sorted(group[SOURCE_COLUMNS_GROUP].array_keys())
+
+
+def create_source_columns(group, names) -> None:
+    """Create the (frame, source) arrays of extra columns the store does not have yet, at the size and
+    with the frame and source chunks of ``mag`` (planner only: no writer runs)."""
+    missing = sorted(set(names) - set(source_column_names(group)))
+    if not missing:
+        return
+    mag = group["mag"]
+    columns = group.require_group(SOURCE_COLUMNS_GROUP)
+    for name in missing:
+        columns.create_array(
+            name,
+            shape=mag.shape[:2],
+            chunks=mag.chunks[:2],
+            dtype=mag.dtype,
+            fill_value=np.nan,
+            dimension_names=["frame", "source"],
+            compressors=BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+        )
+
+
+def resize_source_columns(group, n_frames: int | None = None, n_sources: int | None = None) -> None:
+    """Resize every extra-column array along the frame and/or source axis (planner only)."""
+    for name in source_column_names(group):
+        array = group[SOURCE_COLUMNS_GROUP][name]
+        shape = (
+            array.shape[0] if n_frames is None else n_frames,
+            array.shape[1] if n_sources is None else n_sources,
+        )
+        if shape != array.shape:
+            array.resize(shape)
 
 
 def frames_per_chunk_for(n_sources: int, n_photometries: int, itemsize: int) -> int:

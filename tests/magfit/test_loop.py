@@ -1,0 +1,154 @@
+"""The magnitude-fitting loop on simulated raw frames with a known truth (no Prefect: the core steps)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+from astropy.io import fits
+from astropy.table import Table
+
+from photref_core.catalog import read_catalog
+from photref_core.errors import BadInputError, FitTermsError
+from photref_core.ingest.photometry import finalize_ingestion, ingest_batch, plan_ingestion
+from photref_core.magfit.loop import check_inputs, iteration_path, magnitude_fit, summary_path
+from photref_core.magfit.parameters import MagfitParameters
+from photref_core.simulate.rawphotometry import simulate_raw_photometry
+
+
+def ingest(store, frames, catalog):
+    plan = plan_ingestion(store, frames, catalog=read_catalog(catalog))
+    finalize_ingestion(store, [r for batch in plan.batches for r in ingest_batch(store, batch)])
+
+
+@pytest.fixture(scope="module")
+def raw_field(tmp_path_factory):
+    """60 raw frames x 1,500 stars x 3 photometries, ingested, and the loop run once on it."""
+    root = tmp_path_factory.mktemp("raw")
+    sim = simulate_raw_photometry(root, frames=60, stars=1500, seed=3)
+    store = str(root / "field.zarr")
+    ingest(store, sim.frames, sim.catalog)
+    summary = magnitude_fit(store, sim.catalog, root / "out" / "master.fits")
+    return sim, store, summary
+
+
+def aligned_truth(sim, store):
+    ids = xr.open_zarr(store, consolidated=False)["source_id"].values
+    truth = Table.read(sim.truth)
+    order = np.searchsorted(truth["source_id"], ids)
+    assert np.array_equal(np.asarray(truth["source_id"])[order], ids)
+    return truth[order]
+
+
+def robust_scatter(mag):
+    median = np.nanmedian(mag, axis=0)
+    return 1.4826 * np.nanmedian(np.abs(mag - median), axis=0)
+
+
+def test_the_store_keeps_the_frames_x_y_columns_per_frame_and_source(raw_field):
+    sim, store, _ = raw_field
+    columns = xr.open_zarr(store, group="source_columns", consolidated=False)
+    root = xr.open_zarr(store, consolidated=False)
+    assert sorted(columns.data_vars) == ["x", "y"]
+    slot_of = {fid: k for k, fid in enumerate(root["frame_id"].values)}
+    col_of = {int(s): k for k, s in enumerate(root["source_id"].values)}
+    for path in sim.frames[:3]:
+        table = Table.read(path)
+        slot = slot_of[table.meta["FRAMEID"]]
+        cols = [col_of[int(s)] for s in table["source_id"]]
+        np.testing.assert_array_equal(columns["x"].values[slot, cols], table["x"])
+        np.testing.assert_array_equal(columns["y"].values[slot, cols], table["y"])
+        others = np.setdiff1d(np.arange(root.sizes["source"]), cols)
+        assert np.isnan(columns["x"].values[slot, others]).all()
+
+
+def test_the_loop_reaches_the_injected_noise_keeps_the_variables_and_converges(raw_field):
+    sim, store, summary = raw_field
+    truth = aligned_truth(sim, store)
+    constant = ~np.asarray(truth["variable"])
+    noise = np.asarray(truth["noise"])
+    raw = xr.open_zarr(store, consolidated=False)["mag"].values
+    fitted = xr.open_zarr(store, group=summary["final_group"], consolidated=False)["mag"].values
+    raw_ratio = np.nanmedian((robust_scatter(raw) / noise)[constant], axis=0)
+    ratio = np.nanmedian((robust_scatter(fitted) / noise)[constant], axis=0)
+    assert (raw_ratio > 20).all()  # what the frames' own zero points and patterns do
+    assert (ratio > 0.9).all() and (ratio < 1.10).all(), ratio
+
+    # Every variable's amplitude, fitted with its known period and phase (outliers clipped at 5 sigma),
+    # within its statistical error.
+    times = xr.open_zarr(store, consolidated=False)["time"].values
+    z = []
+    for s in np.flatnonzero(~constant):
+        wave = np.sin(2 * np.pi * (times - truth.meta["JD0"]) / truth["period"][s] + truth["phase"][s])
+        for p in range(fitted.shape[2]):
+            m = fitted[:, s, p]
+            ok = np.isfinite(m)
+            for _ in range(5):
+                basis = np.column_stack([np.ones(ok.sum()), wave[ok]])
+                coef = np.linalg.lstsq(basis, m[ok], rcond=None)[0]
+                ok = np.isfinite(m) & (np.abs(m - coef[0] - coef[1] * wave) < 5 * noise[s, p])
+            error = noise[s, p] / np.sqrt(((wave[ok] - wave[ok].mean()) ** 2).sum())
+            z.append((coef[1] - truth["amplitude"][s]) / error)
+    z = np.array(z)
+    assert z.size >= 30 and np.abs(z).max() < 4 and np.sqrt(np.mean(z**2)) < 1.5, z
+
+    # Converged within max_magfit_iterations, having refitted against a master at least twice.
+    history = summary["iterations"]
+    assert summary["converged"] and 3 <= len(history) <= 5
+    assert "frame" in history[0]["reference"] and "statistics" in history[1]["reference"]
+    assert history[0]["change"] is None and max(history[-1]["change"]) <= 1e-4
+    assert all(entry["frames_fitted"] == 60 and entry["frames_quarantined"] == 0 for entry in history)
+
+
+def test_the_loop_writes_every_iteration_master_and_its_history(raw_field):
+    sim, store, summary = raw_field
+    output = summary["master"]["master"]
+    for entry in summary["iterations"]:
+        path = iteration_path(output, entry["iteration"])
+        assert entry["master"] == str(path) and path.exists()
+        with fits.open(path) as hdul:
+            assert hdul["INMASTER"].data["included"].sum() == 60
+    saved = json.loads(summary_path(output).read_text())
+    assert saved["final_group"] == summary["final_group"] and saved["stopped"].startswith("converged")
+    with fits.open(output) as hdul:
+        assert hdul[0].header["NFRAMES"] == 60
+        ids = hdul[1].data["source_id"]
+        assert ids.dtype.kind == "u" and np.all(np.diff(ids.astype(np.uint64)) > 0)
+    # The final group is the store's latest magfit run, with its history.
+    run = xr.open_zarr(store, group=summary["run_group"], consolidated=False)
+    assert run.attrs["final"] == summary["final_group"]
+
+
+def test_a_frame_without_the_columns_the_terms_need_is_quarantined_with_its_reason(raw_field, tmp_path):
+    sim, _, _ = raw_field
+    frames = [tmp_path / p.name for p in sim.frames[:30]]
+    for src, dst in zip(sim.frames[:30], frames, strict=True):
+        shutil.copy(src, dst)
+    table = Table.read(frames[0])
+    del table["x"]
+    fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table)]).writeto(frames[0], overwrite=True)
+    store = str(tmp_path / "field.zarr")
+    ingest(store, frames, sim.catalog)
+    params = MagfitParameters(max_magfit_iterations=2)
+    summary = magnitude_fit(store, sim.catalog, tmp_path / "master.fits", params)
+    frame_id = table.meta["FRAMEID"]
+    for entry in summary["iterations"]:
+        assert entry["quarantine"] == {frame_id: "has no values of column 'x', which magfit_terms uses"}
+        assert entry["frames_fitted"] == 29
+    with fits.open(tmp_path / "master.fits") as hdul:
+        inmaster = hdul["INMASTER"].data
+        assert not inmaster["included"][inmaster["frame_id"] == frame_id].any()
+    assert summary["stopped"].startswith("max_magfit_iterations (2) reached")
+    with pytest.raises(BadInputError, match=f"{frame_id}.*column 'x'"):
+        magnitude_fit(store, sim.catalog, tmp_path / "strict.fits", params, strict=True)
+
+
+def test_an_unknown_column_fails_before_any_work_naming_it(raw_field, tmp_path):
+    sim, store, _ = raw_field
+    with pytest.raises(FitTermsError, match="'colour'.*frame columns: x, y"):
+        check_inputs(store, sim.catalog, MagfitParameters(magfit_terms="O2{colour, x}"))
+    with pytest.raises(ValueError, match="magfit_terms"):
+        MagfitParameters(magfit_terms="O2{x")
