@@ -6,6 +6,7 @@ Subcommands::
     photref simulate images DIR --frames N --stars S --size PIX --pixscale ARCSEC --seed K
     photref ingest STORE FRAMES... [--catalog CAT] [--strict]
     photref master STORE --catalog CAT --output MASTER.fits [statistics / fit options]
+    photref magfit STORE [FRAMES...] --catalog CAT --output MASTER.fits [magfit options] [master options]
     photref prf STORE IMAGES... --catalog CAT --output FLUXES.fits [PRF options]
     photref demo DIR
     photref server start|stop|status
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import types
 import typing
 
 from photref_core.master.outofcore import DEFAULT_BLOCK_MIB
@@ -37,15 +39,20 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _model_options(group, model) -> None:
+def _model_options(group, model, aliases: dict[str, str] | None = None) -> None:
     """One ``--option`` per field of a pydantic parameters model: its name, type, choices (a ``Literal``),
-    default and description, all read from the model (the one place they are written)."""
+    default and description, all read from the model (the one place they are written). ``aliases``: a
+    shorter second spelling of some options, by field name."""
+    aliases = aliases or {}
     for name, info in model.model_fields.items():
         kind = info.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # ``str | None``: its one type
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
         help_text = (info.description or "").rstrip(".")
+        spellings = ["--" + name.replace("_", "-")] + (["--" + aliases[name]] if name in aliases else [])
         group.add_argument(
-            "--" + name.replace("_", "-"),
+            *spellings,
             dest=name,
             type=None if choices else kind,
             choices=choices,
@@ -144,6 +151,31 @@ def _cmd_master(args) -> int:
     return 0
 
 
+def _cmd_magfit(args) -> int:
+    from flows.magfit import run_magfit
+    from photref_core.magfit.parameters import MagfitParameters
+
+    summary = run_magfit(
+        args.store,
+        args.catalog,
+        args.output,
+        max_workers=args.max_workers,
+        dask_address=args.dask_address,
+        params=_parameters(
+            MagfitParameters, **{name: getattr(args, name) for name in MagfitParameters.model_fields}
+        ),
+        master=_parameters(
+            MasterParameters, **{name: getattr(args, name) for name in MasterParameters.model_fields}
+        ),
+        frames=args.frames or None,
+        strict=args.strict,
+        block_mib=args.block_mib,
+        plots=not args.no_plots,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def _cmd_prf(args) -> int:
     from flows.prf import run_prf
     from photref_core.prf.parameters import PRFParameters
@@ -239,6 +271,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     _runner_options(p)
     p.set_defaults(func=_cmd_master)
+
+    from photref_core.magfit.parameters import MagfitParameters
+
+    p = sub.add_parser(
+        "magfit",
+        help="magnitude fitting: fit every frame against a reference, rebuild the master until converged",
+    )
+    p.add_argument("store")
+    p.add_argument("frames", nargs="*", help="raw frame files or glob patterns to ingest first (quote them)")
+    p.add_argument("--catalog", required=True)
+    p.add_argument(
+        "--output",
+        required=True,
+        help="final master FITS path (iterations, statistics and summary beside it)",
+    )
+    p.add_argument("--strict", action="store_true", help="fail on the first bad frame or failed fit")
+    _model_options(
+        p.add_argument_group("SPEC 9 parameters (the loop and the per-frame fit)"),
+        MagfitParameters,
+        aliases={"max_magfit_iterations": "max-iterations"},
+    )
+    _model_options(
+        p.add_argument_group("SPEC 3-5 parameters (the master of every iteration)"), MasterParameters
+    )
+    p.add_argument(
+        "--block-mib",
+        type=float,
+        default=DEFAULT_BLOCK_MIB,
+        help="memory budget of one out-of-core source block, in MiB (default: %(default)s)",
+    )
+    p.add_argument("--no-plots", action="store_true")
+    _runner_options(p)
+    p.set_defaults(func=_cmd_magfit)
 
     p = sub.add_parser("prf", help="PRF photometry: ingest images, build the shape model, fit all fluxes")
     p.add_argument("store")

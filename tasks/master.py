@@ -27,9 +27,13 @@ __all__ = ["compute_statistics", "fit_statistics", "group_exists", "products_int
 
 def _statistics_key(context, parameters) -> str:
     store = os.fspath(parameters["store"])
-    version = open_store(store).attrs.get("content_version", "")
+    data_group = parameters.get("data_group")
+    group = open_store(store)
+    version = (group if data_group is None else group[data_group]).attrs.get("content_version", "")
     params: MasterParameters = parameters["params"]
-    return keys.digest("statistics", keys.code_version(), store, keys.statistics_key(version, params))
+    return keys.digest(
+        "statistics", keys.code_version(), store, data_group, keys.statistics_key(version, params)
+    )
 
 
 def _fit_key(context, parameters) -> str:
@@ -57,6 +61,7 @@ def _products_key(context, parameters) -> str:
         parameters.get("extra_header"),
         parameters.get("plots"),
         keys.file_key(parameters["catalog"]),
+        parameters.get("data_group"),
     )
 
 
@@ -66,8 +71,12 @@ def _products_key(context, parameters) -> str:
     cache_key_fn=_statistics_key,
     **IO_RETRY,
 )
-def compute_statistics(store: str, params: MasterParameters, block_bytes: int) -> str:
+def compute_statistics(
+    store: str, params: MasterParameters, block_bytes: int, data_group: str | None = None
+) -> str:
     """Statistics with iterative rejection, out of core; returns the store group of the result.
+
+    ``data_group``: a magnitude-fitting iteration's group to take the magnitudes from (default: the root).
 
     On a Dask worker (the flow was pointed at a ``distributed`` scheduler) the source blocks are spread
     over the whole cluster through ``worker_client``; elsewhere dask's local threads compute them.
@@ -77,9 +86,9 @@ def compute_statistics(store: str, params: MasterParameters, block_bytes: int) -
 
         get_worker()
     except (ImportError, ValueError):
-        return steps.compute_statistics(store, params, block_bytes=block_bytes)
+        return steps.compute_statistics(store, params, block_bytes=block_bytes, data_group=data_group)
     with worker_client():
-        return steps.compute_statistics(store, params, block_bytes=block_bytes)
+        return steps.compute_statistics(store, params, block_bytes=block_bytes, data_group=data_group)
 
 
 @task(
@@ -108,10 +117,19 @@ def write_products(
     params: MasterParameters,
     extra_header: dict | None = None,
     plots: bool = True,
+    data_group: str | None = None,
 ) -> dict:
     """Master FITS, statistics table and plots (atomic writes); returns their paths and a summary."""
     return steps.write_products(
-        store, statistics_group, fit_group, catalog, output, params, extra_header=extra_header, plots=plots
+        store,
+        statistics_group,
+        fit_group,
+        catalog,
+        output,
+        params,
+        extra_header=extra_header,
+        plots=plots,
+        data_group=data_group,
     )
 
 

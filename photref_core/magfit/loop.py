@@ -20,7 +20,8 @@ have the root's frame chunks: one writer per frame chunk (:func:`fit_frame_chunk
 The steps, in the order the flow (``flows/magfit.py``) and :func:`magnitude_fit` run them:
 :func:`check_inputs`, :func:`choose_reference_frame`, then per iteration :func:`create_iteration`,
 :func:`fit_frame_chunk` for every frame chunk, :func:`finish_iteration`, the master chain, and
-:func:`master_change`; at the end :func:`finish_run`.
+:func:`master_change`; at the end :func:`finish_run`. :func:`finished_run` recognises a loop already
+run on the same inputs.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ __all__ = [
     "create_iteration",
     "finish_iteration",
     "finish_run",
+    "finished_run",
     "fit_frame_chunk",
     "frame_chunks",
     "iteration_path",
@@ -72,12 +74,22 @@ __all__ = [
 MAGFIT_GROUP = "magfit"
 
 
-def magfit_run_key(store, catalog_path, params: MagfitParameters, master: MasterParameters) -> str:
+def magfit_run_key(
+    store, catalog_path, output, params: MagfitParameters, master: MasterParameters, strict: bool = False
+) -> str:
     """The run group's name, ``magfit/run-<key>``: the store's content, both parameter objects, the catalog
-    file's identity and the code version."""
+    file's identity, the output (the iterations' masters are written beside it), strict mode and the code
+    version."""
     version = open_store(store).attrs.get("content_version", "")
     key = digest(
-        "magfit", code_version(), version, params.as_dict(), master.as_dict(), file_key(catalog_path)
+        "magfit",
+        code_version(),
+        version,
+        params.as_dict(),
+        master.as_dict(),
+        file_key(catalog_path),
+        os.path.abspath(output),
+        bool(strict),
     )
     return f"{MAGFIT_GROUP}/run-{key}"
 
@@ -373,9 +385,20 @@ def stop_reason(k: int, change: list[float] | None, params: MagfitParameters) ->
     return None
 
 
-def finish_run(store, run_group: str, history: list[dict], reason: str, output) -> dict:
-    """Record the loop's history in its run group (and the run as the store's latest), write the JSON
-    summary beside the master; return the summary."""
+def finish_run(store, run_group: str, history: list[dict], reason: str, output, products: dict) -> dict:
+    """Record the loop's summary in its run group (and the run as the store's latest), write it as JSON
+    beside the master; return it.
+
+    Parameters
+    ----------
+    history : list of dict
+        One entry per iteration (its group, reference, fit summary, master and change).
+    reason : str
+        Why the loop stopped (:func:`stop_reason`).
+    products : dict
+        The final master's products (:func:`~photref_core.master.steps.write_products`).
+    """
+    path = summary_path(output)
     summary = {
         "run_group": run_group,
         "final_iteration": history[-1]["iteration"],
@@ -383,23 +406,31 @@ def finish_run(store, run_group: str, history: list[dict], reason: str, output) 
         "converged": reason.startswith("converged"),
         "stopped": reason,
         "iterations": history,
+        "master": products,
+        "summary": str(path),
     }
-    root = open_store(store, "r+")
-    run = root.require_group(run_group)
-    run.attrs.update(
-        {
-            "history": history,
-            "stopped": reason,
-            "converged": summary["converged"],
-            "final": history[-1]["group"],
-        }
-    )
-    root.require_group(MAGFIT_GROUP).attrs["latest"] = run_group
-    path = summary_path(output)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, path)
-    summary["summary"] = str(path)
+    root = open_store(store, "r+")
+    root.require_group(run_group).attrs["summary"] = summary
+    root.require_group(MAGFIT_GROUP).attrs["latest"] = run_group
+    return summary
+
+
+def finished_run(store, run_group: str) -> dict | None:
+    """The summary of a loop that finished with these inputs (:func:`magfit_run_key`), while its final
+    master files are still as it wrote them; None otherwise (never run, killed, or products gone)."""
+    from ..master.steps import products_intact
+
+    root = open_store(store)
+    if run_group not in root:
+        return None
+    summary = root[run_group].attrs.get("summary")
+    if not summary or not products_intact(summary["master"]):
+        return None
+    if any(entry["group"] not in root for entry in summary["iterations"]):
+        return None
     return summary
 
 
@@ -414,11 +445,12 @@ def magnitude_fit(
     """The whole loop on an ingested store, without Prefect (for scripts, notebooks and tests); the flow
     ``magnitude-fitting`` runs the same steps as tasks.
 
+    A loop that finished before with the same inputs is not run again (:func:`finished_run`).
+
     Returns
     -------
     dict
-        The loop's summary (:func:`finish_run`) with ``master`` (the final products of
-        :func:`~photref_core.master.steps.write_products`).
+        The loop's summary (:func:`finish_run`).
     """
     from ..master import steps
 
@@ -426,7 +458,10 @@ def magnitude_fit(
     master = master or MasterParameters()
     steps.validate_fit_terms(master.fit_terms, catalog_path)
     check_inputs(store, catalog_path, params)
-    run_group = magfit_run_key(store, catalog_path, params, master)
+    run_group = magfit_run_key(store, catalog_path, output, params, master, strict)
+    done = finished_run(store, run_group)
+    if done is not None:
+        return done
     reference: dict = {"frame": choose_reference_frame(store, params)}
     history: list[dict] = []
     previous = None
@@ -457,6 +492,4 @@ def magnitude_fit(
             break
         previous, reference, k = current, current, k + 1
     final = steps.write_products(store, stats, fit, catalog_path, output, master, data_group=group)
-    summary = finish_run(store, run_group, history, reason, output)
-    summary["master"] = final
-    return summary
+    return finish_run(store, run_group, history, reason, output, final)

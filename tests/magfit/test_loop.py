@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,8 +119,16 @@ def test_the_loop_writes_every_iteration_master_and_its_history(raw_field):
         ids = hdul[1].data["source_id"]
         assert ids.dtype.kind == "u" and np.all(np.diff(ids.astype(np.uint64)) > 0)
     # The final group is the store's latest magfit run, with its history.
-    run = xr.open_zarr(store, group=summary["run_group"], consolidated=False)
-    assert run.attrs["final"] == summary["final_group"]
+    # The run is the store's latest magfit run, and a second call with the same inputs does no work.
+    import zarr
+
+    magfit = zarr.open_group(store, path="magfit", mode="r")
+    assert magfit.attrs["latest"] == summary["run_group"]
+    run = magfit[summary["run_group"].split("/", 1)[1]]
+    assert run.attrs["summary"]["final_group"] == summary["final_group"]
+    mtime = Path(output).stat().st_mtime_ns
+    assert magnitude_fit(store, sim.catalog, output) == json.loads(json.dumps(summary))
+    assert Path(output).stat().st_mtime_ns == mtime
 
 
 def test_a_frame_without_the_columns_the_terms_need_is_quarantined_with_its_reason(raw_field, tmp_path):

@@ -1,0 +1,91 @@
+"""Prefect tasks of the magnitude-fitting loop (:mod:`photref_core.magfit.loop`).
+
+The loop's cache is its run group in the store (:func:`photref_core.magfit.loop.finished_run`: a loop
+that finished with the same inputs, its products intact, is not run again), so the per-iteration tasks
+keep no Prefect cache of their own: an iteration group is rebuilt whole when the loop runs. The master
+steps inside each iteration are the master flow's tasks (:mod:`tasks.master`), cached on the iteration's
+content.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from photref_core.magfit import loop
+from photref_core.magfit.parameters import MagfitParameters
+from photref_core.master.parameters import MasterParameters
+
+from .common import IO_RETRY
+
+__all__ = [
+    "choose_reference_frame",
+    "create_iteration",
+    "finish_iteration",
+    "finish_run",
+    "finished_run",
+    "fit_frame_chunk",
+    "master_change",
+    "run_group",
+]
+
+_READ = {"cache_policy": NO_CACHE, **IO_RETRY}
+
+
+@task(name="magfit-run", task_run_name="magfit run of {store}", **_READ)
+def run_group(
+    store: str, catalog: str, output: str, params: MagfitParameters, master: MasterParameters, strict: bool
+) -> tuple[str, list[tuple[int, int]]]:
+    """The run group named after every input, and the store's frame chunks (one fit task each)."""
+    return loop.magfit_run_key(store, catalog, output, params, master, strict), loop.frame_chunks(store)
+
+
+@task(name="magfit-finished", task_run_name="finished? {run_group}", **_READ)
+def finished_run(store: str, run_group: str) -> dict | None:
+    """The summary of the same loop finished before (products intact), or None."""
+    return loop.finished_run(store, run_group)
+
+
+@task(name="reference-frame", task_run_name="reference frame of {store}", **_READ)
+def choose_reference_frame(store: str, params: MagfitParameters) -> str:
+    """FRAMEID of the first pass's reference frame."""
+    return loop.choose_reference_frame(store, params)
+
+
+@task(name="create-iteration", task_run_name="create iteration {k}", **_READ)
+def create_iteration(store: str, run_group: str, k: int, reference: dict) -> str:
+    """Create iteration ``k``'s arrays before its writers start; returns the group."""
+    return loop.create_iteration(store, run_group, k, reference)
+
+
+@task(name="magfit-frames", task_run_name="fit {iteration_group} frames {frames}", **_READ)
+def fit_frame_chunk(
+    store: str,
+    iteration_group: str,
+    catalog: str,
+    params: MagfitParameters,
+    frames: tuple[int, int],
+    strict: bool,
+) -> dict:
+    """Fit one frame chunk's frames against the iteration's reference (this task owns the chunk)."""
+    return loop.fit_frame_chunk(store, iteration_group, catalog, params, tuple(frames), strict)
+
+
+@task(name="finish-iteration", task_run_name="finish {iteration_group}", **_READ)
+def finish_iteration(store: str, iteration_group: str, chunk_results: list[dict]) -> dict:
+    """Record the iteration's quarantines; returns its summary."""
+    return loop.finish_iteration(store, iteration_group, chunk_results)
+
+
+@task(name="master-change", task_run_name="master change iteration {k}", **_READ)
+def master_change(store: str, previous: dict, current: dict, k: int) -> list[float]:
+    """Per photometry, the mean squared change of the master between two iterations (mag^2)."""
+    return loop.master_change(store, previous, current)
+
+
+@task(name="finish-magfit", task_run_name="record {run_group}", **_READ)
+def finish_run(
+    store: str, run_group: str, history: list[dict], reason: str, output: str, products: dict
+) -> dict:
+    """Record the loop's summary in the store and as JSON beside the master."""
+    return loop.finish_run(store, run_group, history, reason, output, products)
