@@ -200,27 +200,31 @@ def fit_photometry(
         coefficients[active] = coef
         if active.size == 0:
             break
-        all_frames = active.size == n_frames
-        Xa = X if all_frames else X[active]
-        kept = keep if all_frames else keep[active]
-        z = (y[active] - np.matmul(Xa, coef[:, :, None])[:, :, 0]) * inv_sigma[active]
+        # Residuals of every frame (one batched product: cheaper than copying the active frames' design);
+        # only the active frames' stars can be rejected.
+        is_active = np.zeros(n_frames, bool)
+        is_active[active] = True
+        current = np.where(np.isfinite(coefficients), coefficients, 0.0)
+        z = (y - np.matmul(X, current[:, :, None])[:, :, 0]) * inv_sigma
+        kept = keep & is_active[:, None]
         z2 = np.where(kept, z * z, 0.0)
-        mean_z2 = z2.sum(axis=1) / n_used[active]
+        mean_z2 = z2[active].sum(axis=1) / n_used[active]
         chi_rms[active] = np.sqrt(mean_z2)
         if refit == params.magfit_max_rejection_iterations:
             break  # no refit left: the last fit's stars stay its stars
-        reject = kept & (z2 > threshold2 * mean_z2[:, None])
-        rows, stars = np.nonzero(reject)
-        if rows.size == 0:
+        limit = np.zeros(n_frames)
+        limit[active] = threshold2 * mean_z2
+        frames, stars = np.nonzero(kept & (z2 > limit[:, None]))
+        if frames.size == 0:
             break
-        frames = active[rows]
         keep[frames, stars] = False
+        # Remove the rejected rows from the normal equations, summed per frame (rows come frame by frame).
         Xr = X[frames, stars]
         wr = w[frames, stars]
-        np.subtract.at(A, frames, wr[:, None, None] * Xr[:, :, None] * Xr[:, None, :])
-        np.subtract.at(rhs, frames, (wr * y[frames, stars])[:, None] * Xr)
-        n_used -= np.bincount(frames, minlength=n_frames)
-        active = np.unique(frames)
+        active, starts, counts = np.unique(frames, return_index=True, return_counts=True)
+        A[active] -= np.add.reduceat(wr[:, None, None] * Xr[:, :, None] * Xr[:, None, :], starts, axis=0)
+        rhs[active] -= np.add.reduceat((wr * y[frames, stars])[:, None] * Xr, starts, axis=0)
+        n_used[active] -= counts
     failed = np.array([p is not None for p in problem], dtype=bool)
     coefficients[failed] = np.nan
     chi_rms[failed] = np.nan
