@@ -131,9 +131,9 @@ def check_inputs(store, catalog, params: MagfitParameters) -> FitTerms:
 
 
 def _good_counts(group, n_frames: int, n_src: int, params: MagfitParameters) -> np.ndarray:
-    """Per frame: measurements of catalog stars with ``0 < mag_err <= max_mag_err`` over photometries."""
+    """Per frame and photometry: catalog stars measured with ``0 < mag_err <= max_mag_err``."""
     in_catalog = group["in_catalog"][:n_src]
-    counts = np.zeros(n_frames, np.int64)
+    counts = np.zeros((n_frames, group["mag"].shape[2]), np.int64)
     chunk = group["mag"].chunks[0]
     for lo in range(0, n_frames, chunk):
         hi = min(lo + chunk, n_frames)
@@ -141,34 +141,48 @@ def _good_counts(group, n_frames: int, n_src: int, params: MagfitParameters) -> 
         err = group["mag_err"][lo:hi, :n_src]
         with np.errstate(invalid="ignore"):
             good = np.isfinite(mag) & np.isfinite(err) & (err > 0) & (err <= params.max_mag_err)
-        counts[lo:hi] = (good & in_catalog[None, :, None]).sum(axis=(1, 2))
+        counts[lo:hi] = (good & in_catalog[None, :, None]).sum(axis=1)
     return counts
 
 
 def choose_reference_frame(store, params: MagfitParameters) -> str:
     """The first pass's reference: ``params.reference_frame``, or the ingested frame with the most good
-    measurements of catalog stars (ties: the earliest slot).
+    measurements of catalog stars (summed over photometries; ties: the earliest slot).
 
     Raises
     ------
     BadInputError
-        When the named frame is not an ingested frame of the store, or no frame is ingested.
+        When the named frame is not an ingested frame of the store, when no frame is ingested, or when the
+        reference has fewer good catalog stars in a photometry than a fit of the terms needs
+        (``min_stars_per_term`` x terms): every frame's first fit would fail.
     """
     group = open_store(store)
     n_frames, n_src = committed_sizes(group)
     states = frame_states(group, n_frames)
     frame_ids = group["frame_id"][:n_frames]
+    ingested = states == INGESTED
+    if not ingested.any():
+        raise BadInputError(store_url(store), "no ingested frame to fit")
+    counts = _good_counts(group, n_frames, n_src, params)
     if params.reference_frame is not None:
-        slots = np.flatnonzero((frame_ids == params.reference_frame) & (states == INGESTED))
+        slots = np.flatnonzero((frame_ids == params.reference_frame) & ingested)
         if slots.size == 0:
             raise BadInputError(
                 store_url(store), f"reference_frame {params.reference_frame!r} is not an ingested frame"
             )
-        return params.reference_frame
-    counts = np.where(states == INGESTED, _good_counts(group, n_frames, n_src, params), -1)
-    if n_frames == 0 or counts.max() < 0:
-        raise BadInputError(store_url(store), "no ingested frame to fit")
-    return str(frame_ids[int(np.argmax(counts))])
+        slot = int(slots[0])
+    else:
+        slot = int(np.argmax(np.where(ingested, counts.sum(axis=1), -1)))
+    needed = int(np.ceil(params.min_stars_per_term * parse_fit_terms(params.magfit_terms).n_terms))
+    worst = int(np.argmin(counts[slot]))
+    if counts[slot, worst] < needed:
+        raise BadInputError(
+            str(frame_ids[slot]),
+            f"as the reference frame it has {counts[slot, worst]} good catalog stars in photometry {worst}; "
+            f"the magfit terms need {needed} (min_stars_per_term x terms): choose another reference_frame, "
+            "fewer terms or a lower min_stars_per_term",
+        )
+    return str(frame_ids[slot])
 
 
 def reference_magnitudes(store, reference: dict) -> np.ndarray:

@@ -6,7 +6,8 @@ smooth pattern over the detector (terms in x, y up to the third order, with cros
 (a colour-like non-linearity) and their cross terms with x and y, all inside the span of the default
 correction ``O3{phot_g_mean_mag, x, y}``, so a perfect fit leaves only the stars' own noise. Besides:
 pointing drift (each frame's x, y shift by a few pixels), 0.5 % outliers, variable stars, stars seen in
-only part of the frames (coverage gaps), and ``x``, ``y`` columns in every frame file.
+only part of the frames (coverage gaps), stars missing from the catalog (2 %: nothing to fit them
+against), and ``x``, ``y`` columns in every frame file.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def simulate_raw_photometry(
     SimulatedRawPhotometry
         The truth table has per star ``source_id``, ``true_mag`` (P; the instrumental magnitude the
         reference frame's system would give without its frame effects), ``noise`` (P; the injected
-        per-measurement scatter), ``variable``, ``amplitude``, ``period``, ``phase``, ``seen_fraction``;
-        its meta the frames' times (``JD0``).
+        per-measurement scatter), ``variable``, ``amplitude``, ``period``, ``phase``, ``seen_fraction``,
+        ``in_catalog``; its meta the start of the frames' times (``JD0``).
     """
     rng = np.random.default_rng(seed)
     outdir = Path(outdir)
@@ -124,10 +125,11 @@ def simulate_raw_photometry(
         fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table)]).writeto(path, overwrite=True)
         paths.append(path)
 
+    in_catalog = rng.random(n_src) >= 0.02
     catalog = Table()
-    catalog["source_id"] = source_id
-    catalog["phot_g_mean_mag"] = g_mag
-    catalog["bp_rp"] = rng.normal(0.9, 0.3, n_src)
+    catalog["source_id"] = source_id[in_catalog]
+    catalog["phot_g_mean_mag"] = g_mag[in_catalog]
+    catalog["bp_rp"] = rng.normal(0.9, 0.3, n_src)[in_catalog]
     catalog_path = outdir / "catalog.fits"
     catalog.write(catalog_path, overwrite=True)
 
@@ -140,6 +142,7 @@ def simulate_raw_photometry(
     truth["period"] = period
     truth["phase"] = phase
     truth["seen_fraction"] = seen_fraction
+    truth["in_catalog"] = in_catalog
     truth.meta["JD0"] = jd0
     truth_path = outdir / "truth.fits"
     truth.write(truth_path, overwrite=True)

@@ -45,6 +45,8 @@ def aligned_truth(sim, store):
 
 
 def robust_scatter(mag):
+    """1.4826 x the median absolute deviation over frames, per star and photometry (NaN: never fitted)."""
+    mag = mag[:, np.isfinite(mag).any(axis=(0, 2))]
     median = np.nanmedian(mag, axis=0)
     return 1.4826 * np.nanmedian(np.abs(mag - median), axis=0)
 
@@ -69,20 +71,28 @@ def test_the_store_keeps_the_frames_x_y_columns_per_frame_and_source(raw_field):
 def test_the_loop_reaches_the_injected_noise_keeps_the_variables_and_converges(raw_field):
     sim, store, summary = raw_field
     truth = aligned_truth(sim, store)
-    constant = ~np.asarray(truth["variable"])
+    in_catalog = np.asarray(truth["in_catalog"])
+    constant = ~np.asarray(truth["variable"]) & in_catalog
     noise = np.asarray(truth["noise"])
     raw = xr.open_zarr(store, consolidated=False)["mag"].values
     fitted = xr.open_zarr(store, group=summary["final_group"], consolidated=False)["mag"].values
-    raw_ratio = np.nanmedian((robust_scatter(raw) / noise)[constant], axis=0)
-    ratio = np.nanmedian((robust_scatter(fitted) / noise)[constant], axis=0)
+    fitted_stars = np.isfinite(fitted).any(axis=(0, 2))
+    assert np.array_equal(fitted_stars, in_catalog)
+    raw_ratio = np.nanmedian(
+        (robust_scatter(raw[:, in_catalog]) / noise[in_catalog])[constant[in_catalog]], axis=0
+    )
+    ratio = np.nanmedian((robust_scatter(fitted) / noise[in_catalog])[constant[in_catalog]], axis=0)
     assert (raw_ratio > 20).all()  # what the frames' own zero points and patterns do
     assert (ratio > 0.9).all() and (ratio < 1.10).all(), ratio
+    # Stars missing from the catalog have nothing to be fitted against: NaN, never a crash.
+    assert (~in_catalog).sum() > 10 and np.isnan(fitted[:, ~in_catalog]).all()
+    assert np.isfinite(raw[:, ~in_catalog]).any()
 
     # Every variable's amplitude, fitted with its known period and phase (outliers clipped at 5 sigma),
     # within its statistical error.
     times = xr.open_zarr(store, consolidated=False)["time"].values
     z = []
-    for s in np.flatnonzero(~constant):
+    for s in np.flatnonzero(np.asarray(truth["variable"]) & in_catalog):
         wave = np.sin(2 * np.pi * (times - truth.meta["JD0"]) / truth["period"][s] + truth["phase"][s])
         for p in range(fitted.shape[2]):
             m = fitted[:, s, p]
@@ -161,3 +171,24 @@ def test_an_unknown_column_fails_before_any_work_naming_it(raw_field, tmp_path):
         check_inputs(store, sim.catalog, MagfitParameters(magfit_terms="O2{colour, x}"))
     with pytest.raises(ValueError, match="magfit_terms"):
         MagfitParameters(magfit_terms="O2{x")
+
+
+def test_a_reference_frame_too_poor_for_the_terms_is_refused_before_any_fit(raw_field, tmp_path):
+    sim, store, _ = raw_field
+    frames = [tmp_path / p.name for p in sim.frames[:25]]
+    for src, dst in zip(sim.frames[:25], frames, strict=True):
+        shutil.copy(src, dst)
+    table = Table.read(frames[3])
+    poor = table[:150]  # fewer than 10 x 20 terms
+    poor.meta = table.meta
+    fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(poor)]).writeto(frames[3], overwrite=True)
+    store = str(tmp_path / "field.zarr")
+    ingest(store, frames, sim.catalog)
+    frame_id = table.meta["FRAMEID"]
+    from photref_core.magfit.loop import choose_reference_frame
+
+    with pytest.raises(BadInputError, match=f"{frame_id}.*reference frame.*need 200"):
+        choose_reference_frame(store, MagfitParameters(reference_frame=frame_id))
+    assert choose_reference_frame(store, MagfitParameters()) != frame_id  # the default picks a rich one
+    with pytest.raises(BadInputError, match="'nope' is not an ingested frame"):
+        choose_reference_frame(store, MagfitParameters(reference_frame="nope"))
