@@ -11,7 +11,8 @@ Where the results live (see :mod:`photref_core.store.schema`)::
     magfit/run-<key>             attrs: history (one entry per iteration), converged, stopped, final
     magfit/run-<key>/iter<k>     mag, mag_err (frame, source, photometry): iteration k's fitted
                                  magnitudes and their errors (the raw errors); fitted (frame,): frames
-                                 the iteration fitted; attrs: content_version, reference, quarantine
+                                 the iteration fitted; reference_mag (source, photometry): what it was
+                                 fitted against; attrs: content_version, reference, quarantine
 
 ``<key>`` names everything the loop's results depend on (the store's content, both parameter objects, the
 catalog file, the code), so a run with other parameters never overwrites another's. The iteration arrays
@@ -236,6 +237,17 @@ def create_iteration(store, run_group: str, k: int, reference: dict) -> str:
         fill_value=False,
         dimension_names=["frame"],
     )
+    # The reference magnitudes, resolved once here (a master's are read from its result groups) and kept:
+    # what this iteration was fitted against, read by every writer.
+    values = reference_magnitudes(store, reference)
+    saved = group.create_array(
+        "reference_mag",
+        shape=values.shape,
+        dtype="f8",
+        fill_value=np.nan,
+        dimension_names=["source", "photometry"],
+    )
+    saved[:] = values
     group.attrs.update(
         {
             "content_version": digest(name, reference),
@@ -300,7 +312,7 @@ def fit_frame_chunk(
     frame_cols = _frame_columns(root, frame_names, lo, hi, n_src)
     # A frame column shadows a catalog column of the same name: it is the measurement of that frame.
     columns = {**cat, **frame_cols}
-    reference = reference_magnitudes(store, group.attrs["reference"])
+    reference = group["reference_mag"][:]
     mag = root["mag"][lo:hi, :n_src].astype(np.float64)
     mag_err = root["mag_err"][lo:hi, :n_src].astype(np.float64)
     frame_ids = root["frame_id"][lo:hi]

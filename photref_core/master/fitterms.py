@@ -573,13 +573,27 @@ class FitTerms:
                 f"{self._expression!r} has {len(self._terms)} inner terms, got {term_values.shape[-1]} values"
             )
         result = np.empty(term_values.shape[:-1] + (len(self._columns),), dtype=np.float64)
+        # Each column is formed contiguously, then written once into its (strided) place; every power of a
+        # term is computed once.
+        terms = [np.ascontiguousarray(term_values[..., i]) for i in range(term_values.shape[-1])]
+        powers: dict[tuple[int, int], np.ndarray] = {}
         with np.errstate(all="ignore"):
             for j, column in enumerate(self._columns):
-                out = result[..., j]
-                out[...] = 1.0
+                factors = []
                 for index, power in column:
-                    value = term_values[..., index]
-                    out *= value if power == 1 else np.power(value, power)
+                    if (index, power) not in powers:
+                        powers[index, power] = terms[index] if power == 1 else np.power(terms[index], power)
+                    factors.append(powers[index, power])
+                if not factors:
+                    result[..., j] = 1.0
+                    continue
+                if len(factors) == 1:
+                    result[..., j] = factors[0]
+                    continue
+                value = np.multiply(factors[0], factors[1])  # a new array: the rest multiply into it
+                for factor in factors[2:]:
+                    np.multiply(value, factor, out=value)
+                result[..., j] = value
         return result
 
 

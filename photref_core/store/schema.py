@@ -26,7 +26,8 @@ Group ``source_columns`` (only when the frames carry extra per-source numeric co
 
 Group ``magfit`` (:mod:`photref_core.magfit`): ``magfit/run-<key>/iter<k>`` holds one iteration's
 fitted ``mag``, ``mag_err`` (frame, source, photometry) and ``fitted`` (frame,) with the same chunks as the
-root's; the run group's attributes hold the loop's history and its final iteration.
+root's, and ``reference_mag`` (source, photometry), what it was fitted against; the run group's attributes
+hold the loop's history and its final iteration.
 
 Group ``results`` (:mod:`photref_core.store.groups`): ``results/statistics-<key>`` and
 ``results/fit-<key>``, xarray datasets (dims source x photometry) named after everything they depend on.
