@@ -1,8 +1,10 @@
 """``photref demo DIR``: simulate a small field and run the whole pipeline on it.
 
-Leaves in DIR: the simulated inputs (``photometry/``, ``images/``), the store (``field.zarr``), the master
-FITS (``master.fits``), its statistics table (``master_stat.fits``), the plots (``master_*.png``), the PRF
-fluxes (``prf_fluxes.fits``) and shape-model plot (``prf_fluxes_prf.png``), and ``summary.md``.
+Leaves in DIR: the simulated inputs (``photometry/``, ``images/``, ``raw/``), the store (``field.zarr``), the
+master FITS (``master.fits``), its statistics table (``master_stat.fits``), the plots (``master_*.png``), the
+PRF fluxes (``prf_fluxes.fits``) and shape-model plot (``prf_fluxes_prf.png``), the magnitude fitting of the
+raw frames (store ``raw.zarr``, ``magfit/master.fits``, ``magfit/master_iter<k>.fits``,
+``magfit/master_magfit.json``), and ``summary.md``.
 Without a ``PREFECT_API_URL`` the flows run on Prefect's temporary embedded server.
 """
 
@@ -14,11 +16,14 @@ from pathlib import Path
 
 
 def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 3, seed: int = 1) -> dict:
-    """Simulate a field, ingest it and build its master, then a small PRF run; returns what was written."""
+    """Simulate a field, ingest it and build its master, then a small PRF run and the magnitude fitting of
+    raw frames; returns what was written."""
     from photref_core.prf.parameters import PRFParameters
     from photref_core.simulate.images import simulate_images
     from photref_core.simulate.photometry import simulate_photometry
+    from photref_core.simulate.rawphotometry import simulate_raw_photometry
 
+    from .magfit import run_magfit
     from .master_photref import run_master
     from .prf import run_prf
 
@@ -45,6 +50,17 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
         params=PRFParameters(rmax=1.1),
     )
     t_prf = time.perf_counter() - t0
+    # Raw frames (zero points, x/y patterns; not yet magnitude-fitted) through AutoWISP's loop.
+    t0 = time.perf_counter()
+    raw = simulate_raw_photometry(out / "raw", frames=frames, stars=1000, seed=seed)
+    (out / "magfit").mkdir(exist_ok=True)
+    magfit = run_magfit(
+        out / "raw.zarr",
+        raw.catalog,
+        out / "magfit" / "master.fits",
+        frames=[str(Path(raw.frames[0]).parent / "*.fits")],
+    )
+    t_magfit = time.perf_counter() - t0
     summary = {
         "inputs": {
             "frames": len(sim.frames),
@@ -56,10 +72,12 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
         "store": str(out / "field.zarr"),
         "master": products,
         "prf": prf,
+        "magfit": magfit,
         "seconds": {
             "simulate": round(t_sim, 2),
             "ingest+master flow": round(t_master, 2),
             "simulate images + prf flow": round(t_prf, 2),
+            "simulate raw frames + magfit flow": round(t_magfit, 2),
         },
     }
     lines = [
@@ -85,6 +103,10 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
         f"PRF photometry of {prf['n_frames']} simulated images x {prf['n_sources']} sources: "
         f"fluxes in `{prf['fluxes']}`, shape model plot `{prf['plot']}` "
         f"(median PRF fraction on the frame {prf['median_source_psf_fraction']:.4f}).",
+        "",
+        f"Magnitude fitting of {len(raw.frames)} raw frames x 1000 stars (`{out / 'raw.zarr'}`): "
+        f"{len(magfit['iterations'])} iterations, {magfit['stopped']}; final master "
+        f"`{magfit['master']['master']}`, fitted magnitudes in the store group `{magfit['final_group']}`.",
     ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
