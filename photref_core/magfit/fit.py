@@ -124,6 +124,7 @@ def fit_photometry(
     mag_err: np.ndarray,
     eligible: np.ndarray,
     params: MagfitParameters,
+    computable: np.ndarray | None = None,
 ) -> PhotometryFit:
     """Weighted least squares with iterative rejection, for every frame of a batch at once.
 
@@ -139,13 +140,21 @@ def fit_photometry(
         Bool ``(frames, stars)`` or ``(stars,)``: stars that may enter the fit at all (e.g. in the
         catalog); the finite, ``0 < mag_err <= max_mag_err`` cut is applied here.
     params : MagfitParameters
+    computable : numpy.ndarray, optional
+        Bool ``(frames, stars)``: the stars whose predictors are all finite, when the caller fits several
+        photometries with one design: it then also sets those rows of ``design`` to 0 (once, instead of
+        every fit). Default: worked out here from ``design``'s NaNs.
 
     Returns
     -------
     PhotometryFit
     """
     n_frames, n_stars, n_terms = design.shape
-    computable = np.isfinite(design).all(axis=2)
+    if computable is None:
+        computable = np.isfinite(design).all(axis=2)
+        X = np.where(computable[:, :, None], design, 0.0)
+    else:
+        X = design
     with np.errstate(invalid="ignore"):
         keep = (
             np.broadcast_to(eligible, (n_frames, n_stars))
@@ -155,7 +164,6 @@ def fit_photometry(
             & (mag_err > 0)
             & (mag_err <= params.max_mag_err)
         )
-    X = np.where(computable[:, :, None], design, 0.0)
     y = np.where(keep, target, 0.0)
     err = np.where(keep, mag_err, 1.0)
     weight = fit_weights(err, params)
