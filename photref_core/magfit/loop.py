@@ -15,7 +15,9 @@ Where the results live (see :mod:`photref_core.store.schema`)::
                                  fitted against; attrs: content_version, reference, quarantine
 
 ``<key>`` names everything the loop's results depend on (the store's content, both parameter objects, the
-catalog file, the code), so a run with other parameters never overwrites another's. The iteration arrays
+catalog file, the output, the code), so a run with other parameters never overwrites another's while it
+runs; when a run finishes, the groups of every other run are removed (each holds a copy of the
+magnitudes per iteration). The iteration arrays
 have the root's frame chunks: one writer per frame chunk (:func:`fit_frame_chunk`), as the ingestion.
 
 The steps, in the order the flow (``flows/magfit.py``) and :func:`magnitude_fit` run them:
@@ -434,8 +436,8 @@ def stop_reason(k: int, change: list[float] | None, params: MagfitParameters) ->
 
 
 def finish_run(store, run_group: str, history: list[dict], reason: str, output, products: dict) -> dict:
-    """Record the loop's summary in its run group (and the run as the store's latest), write it as JSON
-    beside the master; return it.
+    """Record the loop's summary in its run group (and the run as the store's latest, removing the groups
+    of every other run), write it as JSON beside the master; return it.
 
     Parameters
     ----------
@@ -462,7 +464,13 @@ def finish_run(store, run_group: str, history: list[dict], reason: str, output, 
     os.replace(tmp, path)
     root = open_store(store, "r+")
     root.require_group(run_group).attrs["summary"] = summary
-    root.require_group(MAGFIT_GROUP).attrs["latest"] = run_group
+    magfit = root.require_group(MAGFIT_GROUP)
+    # Each run holds a full copy of the magnitudes per iteration: only the latest run is kept (its final
+    # master and JSON summary are on disk; an earlier run's parameters give the same results again).
+    for name in list(magfit.group_keys()):
+        if f"{MAGFIT_GROUP}/{name}" != run_group:
+            del magfit[name]
+    magfit.attrs["latest"] = run_group
     return summary
 
 

@@ -192,3 +192,19 @@ def test_a_reference_frame_too_poor_for_the_terms_is_refused_before_any_fit(raw_
     assert choose_reference_frame(store, MagfitParameters()) != frame_id  # the default picks a rich one
     with pytest.raises(BadInputError, match="'nope' is not an ingested frame"):
         choose_reference_frame(store, MagfitParameters(reference_frame="nope"))
+
+
+def test_a_finished_run_replaces_the_store_groups_of_earlier_runs(raw_field, tmp_path):
+    sim, store, summary = raw_field
+    copy = str(tmp_path / "field.zarr")
+    shutil.copytree(store, copy)
+    other = magnitude_fit(
+        copy, sim.catalog, tmp_path / "master.fits", MagfitParameters(max_magfit_iterations=2)
+    )
+    import zarr
+
+    magfit = zarr.open_group(copy, path="magfit", mode="r")
+    assert other["run_group"] != summary["run_group"]
+    assert sorted(magfit.group_keys()) == [other["run_group"].split("/", 1)[1]]
+    assert magfit.attrs["latest"] == other["run_group"]
+    assert xr.open_zarr(copy, group=other["final_group"], consolidated=False)["mag"].shape[0] == 60
