@@ -72,6 +72,24 @@ def _parameters(cls, **values):
         raise PhotrefError(str(exc)) from exc
 
 
+def _parameters_from(cls, args):
+    """The parameters object ``cls`` from the options :func:`_model_options` added for it."""
+    return _parameters(cls, **{name: getattr(args, name) for name in cls.model_fields})
+
+
+def _master_options(parser, title: str) -> None:
+    """The options of the master a command builds: every MasterParameters field, the out-of-core block
+    size and ``--no-plots``."""
+    _model_options(parser.add_argument_group(title), MasterParameters)
+    parser.add_argument(
+        "--block-mib",
+        type=float,
+        default=DEFAULT_BLOCK_MIB,
+        help="memory budget of one out-of-core source block, in MiB (default: %(default)s)",
+    )
+    parser.add_argument("--no-plots", action="store_true")
+
+
 def _frame_index(text: str):
     """``--frame-index``: 'mean' or a frame index."""
     return text if text == "mean" else int(text)
@@ -139,9 +157,7 @@ def _cmd_master(args) -> int:
         args.output,
         max_workers=args.max_workers,
         dask_address=args.dask_address,
-        params=_parameters(
-            MasterParameters, **{name: getattr(args, name) for name in MasterParameters.model_fields}
-        ),
+        params=_parameters_from(MasterParameters, args),
         frames=args.frames,
         strict=args.strict,
         block_mib=args.block_mib,
@@ -161,12 +177,8 @@ def _cmd_magfit(args) -> int:
         args.output,
         max_workers=args.max_workers,
         dask_address=args.dask_address,
-        params=_parameters(
-            MagfitParameters, **{name: getattr(args, name) for name in MagfitParameters.model_fields}
-        ),
-        master=_parameters(
-            MasterParameters, **{name: getattr(args, name) for name in MasterParameters.model_fields}
-        ),
+        params=_parameters_from(MagfitParameters, args),
+        master=_parameters_from(MasterParameters, args),
         frames=args.frames or None,
         strict=args.strict,
         block_mib=args.block_mib,
@@ -261,14 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="master FITS path (statistics table and plots beside it)")
     p.add_argument("--frames", nargs="+", default=None, help="frame files or globs to ingest first")
     p.add_argument("--strict", action="store_true", help="fail on the first bad frame")
-    _model_options(p.add_argument_group("SPEC 3-5 parameters"), MasterParameters)
-    p.add_argument(
-        "--block-mib",
-        type=float,
-        default=DEFAULT_BLOCK_MIB,
-        help="memory budget of one out-of-core source block, in MiB (default: %(default)s)",
-    )
-    p.add_argument("--no-plots", action="store_true")
+    _master_options(p, "SPEC 3-5 parameters")
     _runner_options(p)
     p.set_defaults(func=_cmd_master)
 
@@ -292,16 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         MagfitParameters,
         aliases={"max_magfit_iterations": "max-iterations"},
     )
-    _model_options(
-        p.add_argument_group("SPEC 3-5 parameters (the master of every iteration)"), MasterParameters
-    )
-    p.add_argument(
-        "--block-mib",
-        type=float,
-        default=DEFAULT_BLOCK_MIB,
-        help="memory budget of one out-of-core source block, in MiB (default: %(default)s)",
-    )
-    p.add_argument("--no-plots", action="store_true")
+    _master_options(p, "SPEC 3-5 parameters (the master of every iteration)")
     _runner_options(p)
     p.set_defaults(func=_cmd_magfit)
 

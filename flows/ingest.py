@@ -106,6 +106,27 @@ def ingest_frames(
         return summary
 
 
+def ingest_new_frames(store: str, frames, catalog: str, catalog_table, strict: bool, lock_timeout) -> None:
+    """Inside a flow that takes ``frames``: run the ``ingest-frames`` subflow when one of them is new or
+    changed, or the catalog adds stars (the read-only ``ingestion-needed`` task decides), else log that
+    the ingestion is left out. The subflow runs on the calling run's task runner (threads or the Dask
+    cluster)."""
+    if not frames:
+        return
+    from prefect import get_run_logger
+    from prefect.context import FlowRunContext
+
+    from tasks.ingest import ingestion_needed
+
+    if ingestion_needed(store, expand_frame_paths(frames), catalog_table):
+        runner = FlowRunContext.get().task_runner.duplicate()
+        ingest_frames.with_options(task_runner=runner)(
+            store=store, frames=frames, catalog=catalog, strict=strict, lock_timeout=lock_timeout
+        )
+    else:
+        get_run_logger().info("no new or changed frame among %s: ingestion left out", frames)
+
+
 def run_ingest(store, frames, catalog=None, max_workers=None, dask_address=None, **kwargs) -> dict:
     """Run :func:`ingest_frames` by hand (see :func:`flows.runners.run_by_hand`): a chosen task runner
     (bounded threads or a Dask scheduler), no flow-run heartbeat unless one is configured."""

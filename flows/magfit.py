@@ -22,7 +22,6 @@ import os
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import FlowRunContext
 
 from photref_core.catalog import read_catalog
 from photref_core.errors import retry_transient
@@ -34,10 +33,9 @@ from photref_core.master.steps import validate_fit_terms
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks import magfit as tasks
-from tasks.ingest import ingestion_needed
 from tasks.master import compute_statistics, fit_statistics, group_exists, products_intact, write_products
 
-from .ingest import expand_frame_paths, ingest_frames
+from .ingest import ingest_new_frames
 from .master_photref import _run_step
 from .runners import make_task_runner, run_by_hand
 
@@ -145,13 +143,7 @@ def magnitude_fitting(
     catalog_table = retry_transient(read_catalog, catalog)
     validate_fit_terms(master.fit_terms, catalog_table)
     with store_run(store, timeout=lock_timeout):
-        if frames and ingestion_needed(store, expand_frame_paths(frames), catalog_table):
-            runner = FlowRunContext.get().task_runner.duplicate()
-            ingest_frames.with_options(task_runner=runner)(
-                store=store, frames=frames, catalog=catalog, strict=strict, lock_timeout=lock_timeout
-            )
-        elif frames:
-            logger.info("no new or changed frame among %s: ingestion left out", frames)
+        ingest_new_frames(store, frames, catalog, catalog_table, strict, lock_timeout)
         check_inputs(store, catalog_table, params)
 
         run_group, chunks = tasks.run_group(store, catalog, output, params, master, strict)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 
 from prefect import flow, get_run_logger
-from prefect.context import FlowRunContext
 
 from photref_core.catalog import read_catalog
 from photref_core.errors import retry_transient
@@ -39,11 +38,10 @@ from photref_core.master.parameters import MasterParameters
 from photref_core.master.steps import statistics_path, validate_fit_terms
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
-from tasks.ingest import ingestion_needed
 from tasks.master import compute_statistics, fit_statistics, group_exists, products_intact, write_products
 
 from .artifacts import publish_master_artifacts
-from .ingest import expand_frame_paths, ingest_frames
+from .ingest import ingest_new_frames
 from .runners import make_task_runner, run_by_hand
 
 
@@ -107,14 +105,7 @@ def build_master_photref(
     catalog_table = retry_transient(read_catalog, catalog)
     term_names = validate_fit_terms(params.fit_terms, catalog_table).term_names
     with store_run(store, timeout=lock_timeout):
-        if frames and ingestion_needed(store, expand_frame_paths(frames), catalog_table):
-            # The ingestion subflow runs on this run's task runner (threads or the Dask cluster).
-            runner = FlowRunContext.get().task_runner.duplicate()
-            ingest_frames.with_options(task_runner=runner)(
-                store=store, frames=frames, catalog=catalog, strict=strict, lock_timeout=lock_timeout
-            )
-        elif frames:
-            logger.info("no new or changed frame among %s: ingestion left out", frames)
+        ingest_new_frames(store, frames, catalog, catalog_table, strict, lock_timeout)
 
         # Each step is submitted to the task runner (so it runs on the Dask cluster when there is one)
         # and awaited: the next step needs its result.

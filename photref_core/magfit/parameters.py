@@ -32,8 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import FitTermsError
-from ..master.fitterms import parse_fit_terms
+from ..master.fitterms import valid_expression
 
 __all__ = ["MAGFIT_DEFAULTS", "MagfitParameters", "MagfitWeighting"]
 
@@ -124,12 +123,8 @@ class MagfitParameters(BaseModel):
 
     @field_validator("magfit_terms")
     @classmethod
-    def _parse_terms(cls, value: str) -> str:
-        try:
-            parse_fit_terms(value)
-        except FitTermsError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+    def _parse_magfit_terms(cls, value: str) -> str:
+        return valid_expression(value)
 
     def as_dict(self) -> dict:
         """Plain dictionary of the parameters, in field order."""

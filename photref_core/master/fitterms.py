@@ -62,6 +62,7 @@ __all__ = [
     "FUNCTIONS",
     "FitTerms",
     "parse_fit_terms",
+    "valid_expression",
 ]
 
 #: AutoWISP's default fit-terms expression (a quadratic in the Gaia G magnitude).
@@ -595,6 +596,16 @@ class FitTerms:
                     np.multiply(value, factor, out=value)
                 result[..., j] = value
         return result
+
+
+def valid_expression(expression: str) -> str:
+    """``expression`` when it parses (a parameter object's validator); otherwise a ``ValueError`` with the
+    :class:`FitTermsError`'s message (pydantic reports it under the field's name)."""
+    try:
+        parse_fit_terms(expression)
+    except FitTermsError as exc:
+        raise ValueError(str(exc)) from None
+    return expression
 
 
 def parse_fit_terms(expression: str) -> FitTerms:

@@ -23,8 +23,7 @@ from typing import Annotated, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import SOFTWARE
-from ..errors import FitTermsError
-from .fitterms import DEFAULT_FIT_TERMS, parse_fit_terms
+from .fitterms import DEFAULT_FIT_TERMS, valid_expression
 from .scatter import OutlierAverage, ScatterFitParameters, ScatterQuantity
 from .stats import RejectionCenter, RejectionParameters, RejectionUnits
 
@@ -129,11 +128,7 @@ class MasterParameters(BaseModel):
     @field_validator("fit_terms")
     @classmethod
     def _parse_fit_terms(cls, value: str) -> str:
-        try:
-            parse_fit_terms(value)
-        except FitTermsError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return valid_expression(value)
 
     @model_validator(mode="after")
     def _parts_accept(self):

@@ -141,16 +141,29 @@ def test_the_loop_writes_every_iteration_master_and_its_history(raw_field):
     assert Path(output).stat().st_mtime_ns == mtime
 
 
+def store_with_an_edited_frame(sim, n_frames: int, edited: int, edit, directory) -> tuple[str, Table]:
+    """A new store of the field's first ``n_frames`` frames (copies), frame ``edited`` rewritten as
+    ``edit(table)`` returns it; returns the store and the frame's original table."""
+    frames = [directory / p.name for p in sim.frames[:n_frames]]
+    for src, dst in zip(sim.frames[:n_frames], frames, strict=True):
+        shutil.copy(src, dst)
+    table = Table.read(frames[edited])
+    changed = edit(table.copy())
+    changed.meta = table.meta
+    fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(changed)]).writeto(frames[edited], overwrite=True)
+    store = str(directory / "field.zarr")
+    ingest(store, frames, sim.catalog)
+    return store, table
+
+
 def test_a_frame_without_the_columns_the_terms_need_is_quarantined_with_its_reason(raw_field, tmp_path):
     sim, _, _ = raw_field
-    frames = [tmp_path / p.name for p in sim.frames[:30]]
-    for src, dst in zip(sim.frames[:30], frames, strict=True):
-        shutil.copy(src, dst)
-    table = Table.read(frames[0])
-    del table["x"]
-    fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table)]).writeto(frames[0], overwrite=True)
-    store = str(tmp_path / "field.zarr")
-    ingest(store, frames, sim.catalog)
+
+    def without_x(table):
+        del table["x"]
+        return table
+
+    store, table = store_with_an_edited_frame(sim, 30, 0, without_x, tmp_path)
     params = MagfitParameters(max_magfit_iterations=2)
     summary = magnitude_fit(store, sim.catalog, tmp_path / "master.fits", params)
     frame_id = table.meta["FRAMEID"]
@@ -174,16 +187,8 @@ def test_an_unknown_column_fails_before_any_work_naming_it(raw_field, tmp_path):
 
 
 def test_a_reference_frame_too_poor_for_the_terms_is_refused_before_any_fit(raw_field, tmp_path):
-    sim, store, _ = raw_field
-    frames = [tmp_path / p.name for p in sim.frames[:25]]
-    for src, dst in zip(sim.frames[:25], frames, strict=True):
-        shutil.copy(src, dst)
-    table = Table.read(frames[3])
-    poor = table[:150]  # fewer than 10 x 20 terms
-    poor.meta = table.meta
-    fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(poor)]).writeto(frames[3], overwrite=True)
-    store = str(tmp_path / "field.zarr")
-    ingest(store, frames, sim.catalog)
+    sim, _, _ = raw_field
+    store, table = store_with_an_edited_frame(sim, 25, 3, lambda t: t[:150], tmp_path)  # < 10 x 20 terms
     frame_id = table.meta["FRAMEID"]
     from photref_core.magfit.loop import choose_reference_frame
 
