@@ -179,7 +179,7 @@ def magnitude_fitting(
                 master,
                 block_bytes,
                 extra_header,
-                False,
+                plots=False,
             )
             change = tasks.master_change(store, previous, current, k) if previous is not None else None
             entry.update(master=products["master"], change=change)
@@ -196,7 +196,7 @@ def magnitude_fitting(
                 break
             previous, reference, k = current, current, k + 1
         logger.info("stopped: %s", reason)
-        _, final = _master(store, group, k, catalog, output, master, block_bytes, extra_header, plots)
+        _, final = _master(store, group, k, catalog, output, master, block_bytes, extra_header, plots=plots)
         summary = tasks.finish_run(store, run_group, history, reason, output, final)
         create_markdown_artifact(
             magfit_summary_markdown(summary), key="magfit-summary", description=f"Magnitude fitting {output}"
