@@ -155,7 +155,6 @@ def magnitude_fitting(
         block_bytes = max(1, int(block_mib * 2**20))
         reference: dict = {"frame": tasks.choose_reference_frame(store, params)}
         history: list[dict] = []
-        previous = None
         k = 0
         while True:
             group = tasks.create_iteration(store, run_group, k, reference)
@@ -181,7 +180,7 @@ def magnitude_fitting(
                 extra_header,
                 plots=False,
             )
-            change = tasks.master_change(store, previous, current, k) if previous is not None else None
+            change = tasks.master_change(store, group, current) if k > 0 else None
             entry.update(master=products["master"], change=change)
             history.append(entry)
             logger.info(
@@ -194,7 +193,7 @@ def magnitude_fitting(
             reason = stop_reason(k, change, params)
             if reason is not None:
                 break
-            previous, reference, k = current, current, k + 1
+            reference, k = current, k + 1
         logger.info("stopped: %s", reason)
         _, final = _master(store, group, k, catalog, output, master, block_bytes, extra_header, plots=plots)
         summary = tasks.finish_run(store, run_group, history, reason, output, final)

@@ -77,10 +77,11 @@ def finish_iteration(store: str, iteration_group: str, chunk_results: list[dict]
     return loop.finish_iteration(store, iteration_group, chunk_results)
 
 
-@task(name="master-change", task_run_name="master change iteration {k}", **_READ)
-def master_change(store: str, previous: dict, current: dict, k: int) -> list[float]:
-    """Per photometry, the mean squared change of the master between two iterations (mag^2)."""
-    return loop.master_change(store, previous, current)
+@task(name="master-change", task_run_name="master change {iteration_group}", **_READ)
+def master_change(store: str, iteration_group: str, current: dict) -> list[float]:
+    """Per photometry, the mean squared change of the master (mag^2): from the one the iteration was
+    fitted against to the one built from it."""
+    return loop.master_change(store, iteration_group, current)
 
 
 @task(name="finish-magfit", task_run_name="record {run_group}", **_READ)

@@ -81,7 +81,7 @@ def normalised_error(mag_err: np.ndarray, params: MagfitParameters) -> np.ndarra
 def fit_weights(mag_err: np.ndarray, params: MagfitParameters) -> np.ndarray:
     """The least-squares weight of each measurement (see :class:`MagfitParameters` ``magfit_weighting``)."""
     if params.magfit_weighting == "inverse_variance":
-        return 1.0 / (mag_err**2 + params.noise_offset**2)
+        return 1.0 / (mag_err**2 + params.noise_offset**2)  # 1 / normalised_error^2
     if params.magfit_weighting == "autowisp":
         return 1.0 / (mag_err + params.noise_offset) ** 2
     return np.ones_like(mag_err)
@@ -169,7 +169,7 @@ def fit_photometry(
     weight = fit_weights(err, params)
     inv_sigma = 1.0 / normalised_error(err, params)
     n_candidates = keep.sum(axis=1)
-    min_stars = int(np.ceil(params.min_stars_per_term * n_terms))
+    min_stars = params.min_stars(n_terms)
 
     coefficients = np.full((n_frames, n_terms), np.nan)
     chi_rms = np.full(n_frames, np.nan)

@@ -8,7 +8,8 @@ iteration's group); the loop stops when the master has converged (:func:`master_
 Where the results live (see :mod:`photref_core.store.schema`)::
 
     magfit                       attrs: latest (the run group of the last finished loop)
-    magfit/run-<key>             attrs: history (one entry per iteration), converged, stopped, final
+    magfit/run-<key>             attrs: summary (:func:`finish_run`: the history, one entry per
+                                 iteration, why the loop stopped, the final group and master)
     magfit/run-<key>/iter<k>     mag, mag_err (frame, source, photometry): iteration k's fitted
                                  magnitudes and their errors (the raw errors); fitted (frame,): frames
                                  the iteration fitted; reference_mag (source, photometry): what it was
@@ -17,8 +18,8 @@ Where the results live (see :mod:`photref_core.store.schema`)::
 ``<key>`` names everything the loop's results depend on (the store's content, both parameter objects, the
 catalog file, the output, the code), so a run with other parameters never overwrites another's while it
 runs; when a run finishes, the groups of every other run are removed (each holds a copy of the
-magnitudes per iteration). The iteration arrays
-have the root's frame chunks: one writer per frame chunk (:func:`fit_frame_chunk`), as the ingestion.
+magnitudes per iteration). The iteration arrays have the root's frame chunks: one writer per frame chunk
+(:func:`fit_frame_chunk`), as the ingestion.
 
 The steps, in the order the flow (``flows/magfit.py``) and :func:`magnitude_fit` run them:
 :func:`check_inputs`, :func:`choose_reference_frame`, then per iteration :func:`create_iteration`,
@@ -37,12 +38,14 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
+from .._atomic import atomic_write
 from ..catalog import read_catalog
 from ..errors import BadInputError, FitTermsError
+from ..ingest.readers import valid_measurements
 from ..keys import code_version, digest, file_key
 from ..master.fitterms import FitTerms, parse_fit_terms
 from ..master.parameters import MasterParameters
-from ..master.steps import catalog_columns, load_results
+from ..master.steps import beside_master, catalog_columns, load_results
 from ..store.frames import frame_states
 from ..store.schema import (
     INGESTED,
@@ -100,16 +103,12 @@ def magfit_run_key(
 
 def iteration_path(output, k: int) -> Path:
     """Iteration ``k``'s master beside the final one: ``master.fits`` -> ``master_iter<k>.fits``."""
-    output = Path(output)
-    stem = output.name[: -len(".fits")] if output.name.endswith(".fits") else output.stem
-    return output.with_name(f"{stem}_iter{k}.fits")
+    return beside_master(output, f"_iter{k}.fits")
 
 
 def summary_path(output) -> Path:
     """The loop's JSON summary beside the master: ``master.fits`` -> ``master_magfit.json``."""
-    output = Path(output)
-    stem = output.name[: -len(".fits")] if output.name.endswith(".fits") else output.stem
-    return output.with_name(f"{stem}_magfit.json")
+    return beside_master(output, "_magfit.json")
 
 
 def check_inputs(store, catalog, params: MagfitParameters) -> FitTerms:
@@ -144,7 +143,7 @@ def _good_counts(group, n_frames: int, n_src: int, params: MagfitParameters) -> 
         mag = group["mag"][lo:hi, :n_src]
         err = group["mag_err"][lo:hi, :n_src]
         with np.errstate(invalid="ignore"):
-            good = np.isfinite(mag) & np.isfinite(err) & (err > 0) & (err <= params.max_mag_err)
+            good = valid_measurements(mag, err) & (err <= params.max_mag_err)
         counts[lo:hi] = (good & in_catalog[None, :, None]).sum(axis=1)
     return counts
 
@@ -177,7 +176,7 @@ def choose_reference_frame(store, params: MagfitParameters) -> str:
         slot = int(slots[0])
     else:
         slot = int(np.argmax(np.where(ingested, counts.sum(axis=1), -1)))
-    needed = int(np.ceil(params.min_stars_per_term * parse_fit_terms(params.magfit_terms).n_terms))
+    needed = params.min_stars(parse_fit_terms(params.magfit_terms).n_terms)
     worst = int(np.argmin(counts[slot]))
     if counts[slot, worst] < needed:
         raise BadInputError(
@@ -407,11 +406,12 @@ def finish_iteration(store, iteration_group: str, chunk_results: list[dict]) -> 
     return summary
 
 
-def master_change(store, previous: dict, current: dict) -> list[float]:
+def master_change(store, iteration_group: str, current: dict) -> list[float]:
     """Per photometry, the mean squared change of the master magnitudes over the stars in both masters
-    (mag^2; NaN when no star is in both). ``previous`` and ``current`` as :func:`reference_magnitudes`'s
-    master references."""
-    before = reference_magnitudes(store, previous)
+    (mag^2; NaN when no star is in both): from the master an iteration was fitted against (its
+    ``reference_mag``, kept by :func:`create_iteration`) to the master built from it (``current``, as
+    :func:`reference_magnitudes`'s master references). Only for iterations fitted against a master."""
+    before = open_group(store, iteration_group)["reference_mag"][:]
     after = reference_magnitudes(store, current)
     both = np.isfinite(before) & np.isfinite(after)
     diff2 = np.where(both, (after - before) ** 2, 0.0)
@@ -459,9 +459,7 @@ def finish_run(store, run_group: str, history: list[dict], reason: str, output, 
         "master": products,
         "summary": str(path),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, lambda stream: stream.write(json.dumps(summary, indent=1).encode()))
     root = open_store(store, "r+")
     root.require_group(run_group).attrs["summary"] = summary
     magfit = root.require_group(MAGFIT_GROUP)
@@ -520,7 +518,6 @@ def magnitude_fit(
         return done
     reference: dict = {"frame": choose_reference_frame(store, params)}
     history: list[dict] = []
-    previous = None
     k = 0
     while True:
         group = create_iteration(store, run_group, k, reference)
@@ -540,12 +537,12 @@ def magnitude_fit(
             store, stats, fit, catalog_path, iteration_path(output, k), master, plots=False, data_group=group
         )
         current = {"statistics": stats, "fit": fit}
-        change = master_change(store, previous, current) if previous is not None else None
+        change = master_change(store, group, current) if k > 0 else None
         entry.update(master=products["master"], change=change)
         history.append(entry)
         reason = stop_reason(k, change, params)
         if reason is not None:
             break
-        previous, reference, k = current, current, k + 1
+        reference, k = current, k + 1
     final = steps.write_products(store, stats, fit, catalog_path, output, master, data_group=group)
     return finish_run(store, run_group, history, reason, output, final)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..master.fitterms import valid_expression
@@ -125,6 +126,10 @@ class MagfitParameters(BaseModel):
     @classmethod
     def _parse_magfit_terms(cls, value: str) -> str:
         return valid_expression(value)
+
+    def min_stars(self, n_terms: int) -> int:
+        """The fewest usable stars a fit of ``n_terms`` terms needs: ``min_stars_per_term`` x terms."""
+        return int(np.ceil(self.min_stars_per_term * n_terms))
 
     def as_dict(self) -> dict:
         """Plain dictionary of the parameters, in field order."""

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # xarray (and pandas under it) costs ~0.35 s to import: only 
     import xarray as xr
 
 __all__ = [
+    "beside_master",
     "build_master",
     "catalog_columns",
     "compute_statistics",
@@ -280,11 +281,17 @@ def merge_results(stats: xr.Dataset, fit: xr.Dataset) -> xr.Dataset:
     return merged.assign_coords(term_name=fit["term_name"])
 
 
-def statistics_path(master_path) -> Path:
-    """The statistics table file beside a master: ``NAME_stat.fits``."""
+def beside_master(master_path, suffix: str) -> Path:
+    """A file beside a master, named after it: ``beside_master("m.fits", "_stat.fits")`` -> ``m_stat.fits``
+    (the ``.fits`` of the master's name replaced by ``suffix``)."""
     master_path = Path(master_path)
     stem = master_path.name[: -len(".fits")] if master_path.name.endswith(".fits") else master_path.stem
-    return master_path.with_name(f"{stem}_stat.fits")
+    return master_path.with_name(stem + suffix)
+
+
+def statistics_path(master_path) -> Path:
+    """The statistics table file beside a master: ``NAME_stat.fits``."""
+    return beside_master(master_path, "_stat.fits")
 
 
 def write_products(
