@@ -33,35 +33,10 @@ from photref_core.master.steps import validate_fit_terms
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks import magfit as tasks
-from tasks.master import compute_statistics, fit_statistics, group_exists, products_intact, write_products
 
 from .ingest import ingest_new_frames
-from .master_photref import _run_step
+from .master_photref import master_steps
 from .runners import make_task_runner, run_by_hand
-
-
-def _master(store, group, k, catalog, output, master, block_bytes, extra_header, plots) -> tuple[dict, dict]:
-    """The master chain on one iteration's fitted magnitudes; returns its reference and products."""
-
-    def has_group(name: str) -> bool:
-        return group_exists(store, name)
-
-    stats, _ = _run_step(
-        compute_statistics.with_options(task_run_name=f"statistics iter{k}"),
-        (store, master, block_bytes, group),
-        has_group,
-    )
-    fit, _ = _run_step(
-        fit_statistics.with_options(task_run_name=f"scatter fit iter{k}"),
-        (store, stats, catalog, master),
-        has_group,
-    )
-    products, _ = _run_step(
-        write_products,
-        (store, stats, fit, catalog, output, master, extra_header, plots, group),
-        products_intact,
-    )
-    return {"statistics": stats, "fit": fit}, products
 
 
 def magfit_summary_markdown(summary: dict) -> str:
@@ -152,7 +127,6 @@ def magnitude_fitting(
             logger.info("magnitude fitting unchanged (%s): nothing to do", done["stopped"])
             return done
 
-        block_bytes = max(1, int(block_mib * 2**20))
         reference: dict = {"frame": tasks.choose_reference_frame(store, params)}
         history: list[dict] = []
         k = 0
@@ -169,17 +143,11 @@ def magnitude_fitting(
             )
             entry = {"iteration": k, "group": group, "reference": reference}
             entry.update(tasks.finish_iteration(store, group, [f.result() for f in fits]))
-            current, products = _master(
-                store,
-                group,
-                k,
-                catalog,
-                str(iteration_path(output, k)),
-                master,
-                block_bytes,
-                extra_header,
-                plots=False,
+            master_output = str(iteration_path(output, k))
+            stats, fit, products, _ = master_steps(
+                store, catalog, master_output, master, block_mib, extra_header, False, group, f"iter{k}"
             )
+            current = {"statistics": stats, "fit": fit}
             change = tasks.master_change(store, group, current) if k > 0 else None
             entry.update(master=products["master"], change=change)
             history.append(entry)
@@ -195,7 +163,9 @@ def magnitude_fitting(
                 break
             reference, k = current, k + 1
         logger.info("stopped: %s", reason)
-        _, final = _master(store, group, k, catalog, output, master, block_bytes, extra_header, plots=plots)
+        *_, final, _ = master_steps(
+            store, catalog, output, master, block_mib, extra_header, plots, group, f"iter{k}"
+        )
         summary = tasks.finish_run(store, run_group, history, reason, output, final)
         create_markdown_artifact(
             magfit_summary_markdown(summary), key="magfit-summary", description=f"Magnitude fitting {output}"

@@ -45,6 +45,44 @@ from .ingest import ingest_new_frames
 from .runners import make_task_runner, run_by_hand
 
 
+def master_steps(
+    store: str,
+    catalog: str,
+    output: str,
+    params: MasterParameters,
+    block_mib: float,
+    extra_header: dict | None,
+    plots: bool,
+    data_group: str | None = None,
+    label: str | None = None,
+) -> tuple[str, str, dict, bool]:
+    """The master chain as cached tasks: ``statistics`` -> ``scatter-fit`` -> ``master-products``, each
+    followed by the check that its result is still there. Each step is submitted to the task runner (so
+    it runs on the Dask cluster when there is one) and awaited: the next step needs its result.
+
+    ``data_group``: a magnitude-fitting iteration's group to build the master from (default: the store's
+    own magnitudes); ``label`` names the statistics and fit task runs (e.g. ``iter2``).
+    Returns the statistics and fit groups, the products, and whether the products came from the cache.
+    """
+    block_bytes = max(1, int(block_mib * 2**20))
+
+    def has_group(name: str) -> bool:
+        return group_exists(store, name)
+
+    statistics, fit = compute_statistics, fit_statistics
+    if label is not None:
+        statistics = statistics.with_options(task_run_name=f"statistics {label}")
+        fit = fit.with_options(task_run_name=f"scatter fit {label}")
+    stats_group, _ = _run_step(statistics, (store, params, block_bytes, data_group), has_group)
+    fit_group, _ = _run_step(fit, (store, stats_group, catalog, params), has_group)
+    products, unchanged = _run_step(
+        write_products,
+        (store, stats_group, fit_group, catalog, output, params, extra_header, plots, data_group),
+        products_intact,
+    )
+    return stats_group, fit_group, products, unchanged
+
+
 def _run_step(task, args: tuple, still_valid) -> tuple[object, bool]:
     """Run a cached step; when its cached result has gone since (a pruned store group, a deleted file),
     run it again with a fresh cache entry. Returns the result and whether it was served from the cache."""
@@ -107,19 +145,8 @@ def build_master_photref(
     with store_run(store, timeout=lock_timeout):
         ingest_new_frames(store, frames, catalog, catalog_table, strict, lock_timeout)
 
-        # Each step is submitted to the task runner (so it runs on the Dask cluster when there is one)
-        # and awaited: the next step needs its result.
-        block_bytes = max(1, int(block_mib * 2**20))
-
-        def has_group(name: str) -> bool:
-            return group_exists(store, name)
-
-        stats_group, _ = _run_step(compute_statistics, (store, params, block_bytes), has_group)
-        fit_group, _ = _run_step(fit_statistics, (store, stats_group, catalog, params), has_group)
-        products, unchanged = _run_step(
-            write_products,
-            (store, stats_group, fit_group, catalog, output, params, extra_header, plots),
-            products_intact,
+        _, _, products, unchanged = master_steps(
+            store, catalog, output, params, block_mib, extra_header, plots
         )
         if unchanged:
             # Same products as the run that wrote them (their cache key covers every input), and that run
