@@ -17,6 +17,7 @@ import warnings
 
 __all__ = [
     "atomic_savefig",
+    "atomic_stream",
     "atomic_write",
     "atomic_writeto",
     "fsync_directory",
@@ -71,24 +72,24 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def atomic_write(path, write, overwrite: bool = True) -> pathlib.Path:
-    """Write a file atomically: ``write(stream)`` fills a temporary file in the destination directory,
-    which is fsynced and renamed over ``path``, so a reader sees the old file or the whole new one.
+@contextlib.contextmanager
+def atomic_stream(path, overwrite: bool = True):
+    """A binary stream (seekable) whose content replaces ``path`` atomically when the block ends well:
+    a temporary file in the destination directory, fsynced and renamed over ``path``. On an exception the
+    temporary file is removed and an existing file is left untouched.
 
     Parameters
     ----------
     path : str or os.PathLike
         The destination (its directory is created if missing).
-    write : callable
-        ``write(stream)`` writes the content to a binary stream.
     overwrite : bool
         Replace an existing file; when false an existing file raises :class:`FileExistsError` (checked
         atomically: the new file is linked into place only if the name is free).
 
-    Returns
-    -------
-    pathlib.Path
-        The absolute destination path.
+    Yields
+    ------
+    io.BufferedWriter
+        The temporary file, open for writing.
     """
     path = pathlib.Path(os.path.abspath(os.fspath(path)))
     directory = path.parent
@@ -100,7 +101,7 @@ def atomic_write(path, write, overwrite: bool = True) -> pathlib.Path:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as stream:
-            write(stream)
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         if overwrite:
@@ -118,7 +119,29 @@ def atomic_write(path, write, overwrite: bool = True) -> pathlib.Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     fsync_directory(directory)
-    return path
+
+
+def atomic_write(path, write, overwrite: bool = True) -> pathlib.Path:
+    """Write a file atomically: ``write(stream)`` fills the stream of :func:`atomic_stream`, so a reader
+    sees the old file or the whole new one.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The destination (its directory is created if missing).
+    write : callable
+        ``write(stream)`` writes the content to a binary stream.
+    overwrite : bool
+        As :func:`atomic_stream`.
+
+    Returns
+    -------
+    pathlib.Path
+        The absolute destination path.
+    """
+    with atomic_stream(path, overwrite) as stream:
+        write(stream)
+    return pathlib.Path(os.path.abspath(os.fspath(path)))
 
 
 def atomic_writeto(hdul, path, overwrite: bool = True) -> pathlib.Path:

@@ -70,6 +70,7 @@ __all__ = [
     "fit_frame_chunk",
     "frame_chunks",
     "iteration_path",
+    "latest_summary",
     "magfit_run_key",
     "magnitude_fit",
     "master_change",
@@ -442,7 +443,8 @@ def finish_run(store, run_group: str, history: list[dict], reason: str, output, 
     Parameters
     ----------
     history : list of dict
-        One entry per iteration (its group, reference, fit summary, master and change).
+        One entry per iteration: its group, reference, fit summary, master (the file, and the store
+        groups of its ``statistics`` and ``fit``) and change.
     reason : str
         Why the loop stopped (:func:`stop_reason`).
     products : dict
@@ -470,6 +472,18 @@ def finish_run(store, run_group: str, history: list[dict], reason: str, output, 
             del magfit[name]
     magfit.attrs["latest"] = run_group
     return summary
+
+
+def latest_summary(store) -> dict | None:
+    """The summary (:func:`finish_run`) of the store's last finished loop, or None when no loop has
+    finished on it."""
+    root = open_store(store)
+    if MAGFIT_GROUP not in root:
+        return None
+    run_group = root[MAGFIT_GROUP].attrs.get("latest")
+    if run_group is None or run_group not in root:
+        return None
+    return root[run_group].attrs.get("summary")
 
 
 def finished_run(store, run_group: str) -> dict | None:
@@ -538,7 +552,7 @@ def magnitude_fit(
         )
         current = {"statistics": stats, "fit": fit}
         change = master_change(store, group, current) if k > 0 else None
-        entry.update(master=products["master"], change=change)
+        entry.update(master=products["master"], statistics=stats, fit=fit, change=change)
         history.append(entry)
         reason = stop_reason(k, change, params)
         if reason is not None:

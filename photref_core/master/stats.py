@@ -55,6 +55,7 @@ __all__ = [
     "STATISTIC_NAMES",
     "RejectionParameters",
     "enough_flags",
+    "kept_ranges",
     "rejected_statistics",
     "source_statistics",
 ]
@@ -235,10 +236,9 @@ def _median_abs_deviation(flat, base, lo, hi, c) -> np.ndarray:
     return (low + high) / 2
 
 
-def _sorted_row_statistics(a: np.ndarray, n: np.ndarray, params: RejectionParameters) -> dict:
-    """Rejected statistics of every row of ``a`` (sorted ascending, NaN last, ``n`` finite values each).
-
-    ``a`` (C-contiguous) is overwritten.
+def _kept_runs(a: np.ndarray, n: np.ndarray, params: RejectionParameters) -> tuple[np.ndarray, np.ndarray]:
+    """The final kept set K of every row of ``a`` (sorted ascending, NaN last, ``n`` finite values each),
+    as index bounds ``[lo, hi)`` into the sorted row: the iterative rejection itself. ``a`` is only read.
     """
     nrows, nframes = a.shape
     flat = a.ravel()
@@ -289,7 +289,19 @@ def _sorted_row_statistics(a: np.ndarray, n: np.ndarray, params: RejectionParame
         active = active[changed]
         lo[active] = new_lo[changed]
         hi[active] = new_hi[changed]
+    return lo, hi
 
+
+def _sorted_row_statistics(a: np.ndarray, n: np.ndarray, params: RejectionParameters) -> dict:
+    """Rejected statistics of every row of ``a`` (sorted ascending, NaN last, ``n`` finite values each).
+
+    ``a`` (C-contiguous) is overwritten.
+    """
+    nrows, nframes = a.shape
+    flat = a.ravel()
+    all_base = np.arange(nrows, dtype=np.intp) * nframes
+    center = params.rejection_center
+    lo, hi = _kept_runs(a, n, params)
     kept = hi - lo
     center_out = np.full(nrows, np.nan)
     mediandev = np.full(nrows, np.nan)
@@ -345,6 +357,47 @@ def rejected_statistics(
     a.sort(axis=-1)
     n = a.shape[1] - np.count_nonzero(missing, axis=-1)
     return _sorted_row_statistics(a, n, params)
+
+
+def kept_ranges(mag, mag_err, params: RejectionParameters | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Which measurements the magnitude statistics kept: per source and photometry, the smallest and the
+    largest value of the final kept set K (SPEC section 3).
+
+    K is a run of the sorted values whose ends are decided by the value alone (``|x - c| <= T u``), so a
+    measurement that is not missing was kept exactly when ``low <= x <= high``; every other one was
+    rejected as an outlier. The rejection is the very one of :func:`source_statistics` (same missing
+    rule, same iterations), so ``rejected_count`` is the number of measurements in the range.
+
+    Parameters
+    ----------
+    mag, mag_err : array_like, shape (frame, source, photometry)
+        As :func:`source_statistics` takes them.
+    params : RejectionParameters, optional
+        Rejection parameters; the defaults when omitted.
+
+    Returns
+    -------
+    low, high : numpy.ndarray, shape (source, photometry)
+        float64; NaN where nothing was kept.
+    """
+    params = _check_params(params)
+    mag, mag_err = _check_shapes(np.asarray(mag), np.asarray(mag_err))
+    nframes, nsources, nphot = mag.shape
+    rows = np.empty((nphot, nsources, nframes))
+    np.copyto(rows, mag.transpose(2, 1, 0), casting="same_kind")
+    errors = mag_err.transpose(2, 1, 0)
+    with np.errstate(invalid="ignore"):
+        missing = ~np.isfinite(rows) | ~np.isfinite(errors) | ~(errors > 0)
+    rows[missing] = np.nan
+    rows = rows.reshape(nphot * nsources, nframes)
+    rows.sort(axis=-1)
+    n = nframes - np.count_nonzero(missing.reshape(rows.shape), axis=-1)
+    lo, hi = _kept_runs(rows, n, params)
+    index = np.arange(rows.shape[0])
+    some = hi > lo
+    low = np.where(some, rows[index, np.minimum(lo, nframes - 1)], np.nan)
+    high = np.where(some, rows[index, np.maximum(hi - 1, 0)], np.nan)
+    return low.reshape(nphot, nsources).T.copy(), high.reshape(nphot, nsources).T.copy()
 
 
 def _in_parallel(calls: list[Callable[[], object]], threads: int) -> list:

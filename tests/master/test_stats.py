@@ -25,6 +25,7 @@ from photref_core.master.stats import (
     STATISTIC_NAMES,
     RejectionParameters,
     enough_flags,
+    kept_ranges,
     rejected_statistics,
     source_statistics,
 )
@@ -718,3 +719,23 @@ def test_bad_arguments():
         rejected_statistics(np.zeros(5))
     with pytest.raises(TypeError, match="RejectionParameters"):
         rejected_statistics(np.zeros((5, 1)), {"outlier_threshold": 5})
+
+
+@pytest.mark.parametrize(("center", "units"), itertools.product(CENTERS, UNITS))
+@pytest.mark.parametrize("iterations", [0, 1, 10])
+def test_kept_ranges_say_which_measurements_the_rejection_kept(center, units, iterations):
+    """The kept set of the literal reference is exactly the measurements within [low, high] (what the light
+    curves' outlier flag is made of)."""
+    params = RejectionParameters(2.5, iterations, center, units)
+    mag, mag_err = simulate(7, 40, 30, 2)
+    low, high = kept_ranges(mag, mag_err, params)
+    for s, p in itertools.product(range(mag.shape[1]), range(mag.shape[2])):
+        usable = [
+            float(mag[f, s, p])
+            for f in range(mag.shape[0])
+            if math.isfinite(mag[f, s, p]) and math.isfinite(mag_err[f, s, p]) and mag_err[f, s, p] > 0
+        ]
+        _, kept = ref_kept(usable, params)
+        inside = sorted(x for x in usable if low[s, p] <= x <= high[s, p])
+        assert inside == sorted(kept), (s, p)
+        assert math.isnan(low[s, p]) == (not kept)

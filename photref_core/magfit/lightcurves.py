@@ -1,0 +1,624 @@
+"""Light curves out of a store (SPEC 9): the final magnitude-fitting iteration's magnitudes (or the raw
+ones), one row per (frame, source) measurement, sorted by source, then time.
+
+Columns (:data:`LIGHT_CURVE_COLUMNS`)::
+
+    frame_id   str        FRAMEID
+    time       float64    JD of the frame (NaN when the frame has none; such frames sort last)
+    source_id  uint64     exact (FITS: K with TZERO = 2**63; parquet: uint64)
+    mag        (P,)       the store's dtype; NaN kept as NaN (the flag says why)
+    mag_err    (P,)       the raw error of the measurement (magnitude fitting does not change it)
+    flag       (P,) uint8 bits, per photometry (:data:`FLAG_BITS`)
+
+What counts as a measurement: a source with a finite raw magnitude in at least one photometry of an
+ingested frame. A frame quarantined at ingestion has no data in the store and gives no rows; a frame
+the final fit quarantined keeps its rows, NaN, flagged.
+
+The flags describe the measurement, whichever magnitudes are exported (``raw`` too); they come from the
+store's last finished magnitude-fitting loop and its final master, so they are all 0 but
+:data:`NO_VALUE` when ``raw`` is asked of a store without one:
+
+* :data:`FRAME_QUARANTINED` (1): the final iteration's fit quarantined the frame;
+* :data:`OUTLIER` (2): the final master's iterative rejection (SPEC 3) rejected this fitted magnitude,
+  recomputed exactly (:func:`photref_core.master.stats.kept_ranges`) on the frames the master used;
+* :data:`NOT_IN_MASTER` (4): the star is not in the final master in this photometry;
+* :data:`NO_VALUE` (8): ``mag`` is NaN.
+
+Memory is bounded: the rows are made and written source block by source block (all frames of a block's
+sources at once, which the outlier flag needs), each block at most ``block_bytes`` per (frame, source,
+photometry) array, whatever the size of the store. Blocks follow the sorted source ids; each block reads
+its sources with one orthogonal selection, which touches the chunks of one run of sorted ids per ingestion
+that added sources (ingestion appends new sources sorted), so a store is read about once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from .._atomic import atomic_stream
+from ..errors import BadInputError, StoreError
+from ..master.outofcore import DEFAULT_BLOCK_BYTES
+from ..master.stats import RejectionParameters, kept_ranges
+from ..store.frames import frame_states
+from ..store.groups import load_group
+from ..store.schema import INGESTED, committed_sizes, open_store, store_url
+from .loop import latest_summary
+
+__all__ = [
+    "FLAG_BITS",
+    "FRAME_QUARANTINED",
+    "LIGHT_CURVE_COLUMNS",
+    "LIGHT_CURVE_FORMATS",
+    "NOT_IN_MASTER",
+    "NO_VALUE",
+    "OUTLIER",
+    "LightCurveSource",
+    "light_curve_blocks",
+    "light_curve_format",
+    "light_curves",
+    "open_light_curves",
+    "read_light_curves",
+    "read_source_ids",
+    "write_light_curves",
+]
+
+FRAME_QUARANTINED = 1
+OUTLIER = 2
+NOT_IN_MASTER = 4
+NO_VALUE = 8
+
+FLAG_BITS = {
+    FRAME_QUARANTINED: "frame quarantined by the final magnitude fit",
+    OUTLIER: "rejected as an outlier by the final master's statistics",
+    NOT_IN_MASTER: "star not in the final master (this photometry)",
+    NO_VALUE: "no magnitude (NaN)",
+}
+"""Bit -> meaning of the ``flag`` column (also written into every file's header or metadata)."""
+
+LIGHT_CURVE_COLUMNS = ("frame_id", "time", "source_id", "mag", "mag_err", "flag")
+
+LIGHT_CURVE_FORMATS = ("fits", "parquet")
+
+_SUFFIX = {"fits": ".fits", "parquet": ".parquet"}
+
+_EXTNAME = "LIGHTCURVES"
+
+
+@dataclasses.dataclass(frozen=True)
+class LightCurveSource:
+    """What a light-curve export reads (:func:`open_light_curves`): fixed before any block is read.
+
+    Frames are the ingested slots in time order; sources the selected store indices in source-id order.
+    """
+
+    store: str
+    raw: bool
+    data_group: str | None  # where mag/mag_err are read (None: the root's raw magnitudes)
+    run_group: str | None  # the magnitude-fitting run the flags come from (None: no run)
+    fitted_group: str | None  # its final iteration: what its final master was built from
+    frame_slots: np.ndarray
+    frame_ids: np.ndarray
+    times: np.ndarray
+    frame_quarantined: np.ndarray  # per frame (in order): the final fit quarantined it
+    frame_used: np.ndarray  # per frame (in order): the final master was built from it
+    source_index: np.ndarray
+    source_ids: np.ndarray
+    in_master: np.ndarray | None  # (selected source, photometry), in source order
+    rejection: RejectionParameters | None
+    n_photometries: int
+    dtype: np.dtype
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """What every file says about where its rows come from."""
+        return {
+            "store": self.store,
+            "magnitudes": "raw" if self.raw else f"fitted ({self.data_group})",
+            "magfit_run": self.run_group or "",
+            "flag_bits": json.dumps({str(bit): text for bit, text in FLAG_BITS.items()}),
+        }
+
+
+def read_source_ids(path) -> np.ndarray:
+    """Source ids from a text file: one per line (exact 64-bit integers); blank lines and ``#`` comments
+    are skipped.
+
+    Raises
+    ------
+    BadInputError
+        Naming the file and the first line that is not a source id.
+    """
+    ids = []
+    with open(path) as stream:
+        for number, line in enumerate(stream, 1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            try:
+                value = int(text)
+            except ValueError:
+                raise BadInputError(path, f"line {number}: {text!r} is not a source id") from None
+            if not 0 <= value < 2**64:
+                raise BadInputError(path, f"line {number}: {value} is not a 64-bit unsigned source id")
+            ids.append(value)
+    if not ids:
+        raise BadInputError(path, "lists no source id")
+    return np.array(ids, dtype=np.uint64)
+
+
+def open_light_curves(store, raw: bool = False, sources=None, sources_path=None) -> LightCurveSource:
+    """Decide what an export reads: the final iteration's group (or the raw magnitudes), the frames in
+    time order, the sources in id order, and what the flags need.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        The photref store.
+    raw : bool
+        Export the raw (ingested) magnitudes instead of the fitted ones.
+    sources : array_like of uint64, optional
+        Only these sources (default: every source of the store).
+    sources_path : str, optional
+        The file ``sources`` were read from, named by the error when some are not in the store.
+
+    Raises
+    ------
+    StoreError
+        When the store has no finished magnitude-fitting loop (and ``raw`` is false): run
+        ``photref magfit`` first; or when the loop's final master is no longer in the store.
+    BadInputError
+        When a requested source id is not in the store.
+    """
+    url = store_url(store)
+    root = open_store(url)
+    n_frames, n_src = committed_sizes(root)
+    summary = latest_summary(url)
+    if summary is None and not raw:
+        raise StoreError(
+            f"{url}: no magnitude-fitting results in this store: run `photref magfit {url} --catalog CAT "
+            "--output MASTER.fits` first (or export the raw magnitudes with --raw)"
+        )
+    states = frame_states(root, n_frames)
+    times_all = root["time"][:n_frames].astype(np.float64)
+    slots = np.flatnonzero(states == INGESTED)
+    slots = slots[np.argsort(times_all[slots], kind="stable")]  # NaN times last, then by slot
+    quarantined = np.zeros(slots.size, bool)
+    used = np.ones(slots.size, bool)
+    in_master = rejection = None
+    all_ids = root["source_id"][:n_src]
+    if sources is None:
+        index = np.arange(n_src)
+    else:
+        wanted = np.unique(np.asarray(sources, dtype=np.uint64))
+        order = np.argsort(all_ids, kind="stable")
+        pos = np.minimum(np.searchsorted(all_ids, wanted, sorter=order), max(n_src - 1, 0))
+        found = (n_src > 0) & (all_ids[order[pos]] == wanted) if n_src else np.zeros(wanted.size, bool)
+        if not found.all():
+            missing = wanted[~found]
+            listed = ", ".join(str(s) for s in missing[:5]) + (" ..." if missing.size > 5 else "")
+            raise BadInputError(sources_path, f"{missing.size} source id(s) not in the store {url}: {listed}")
+        index = order[pos]
+    index = index[np.argsort(all_ids[index], kind="stable")]
+    if summary is not None:
+        final = summary["iterations"][-1]
+        groups = (final["group"], final.get("statistics"), final.get("fit"))
+        if any(name is None or name not in root for name in groups):
+            raise StoreError(
+                f"{url}: the last magnitude-fitting run ({summary['run_group']}) predates light curves or "
+                "its final master is no longer in the store: run `photref magfit` again"
+            )
+        fitted = root[final["group"]]["fitted"][:n_frames]
+        quarantined = ~fitted[slots]
+        used = fitted[slots]  # ingested (every slot here) and fitted: the master's frames
+        in_master = load_group(url, final["fit"])["in_master"].values[index]
+        attrs = root[final["statistics"]].attrs
+        rejection = RejectionParameters(
+            **{field.name: attrs[field.name] for field in dataclasses.fields(RejectionParameters)}
+        )
+    return LightCurveSource(
+        store=url,
+        raw=raw,
+        data_group=None if raw else summary["final_group"],
+        run_group=None if summary is None else summary["run_group"],
+        fitted_group=None if summary is None else summary["final_group"],
+        frame_slots=slots,
+        frame_ids=np.array([str(name) for name in root["frame_id"][:n_frames][slots]], dtype=str),
+        times=times_all[slots],
+        frame_quarantined=quarantined,
+        frame_used=used,
+        source_index=index,
+        source_ids=all_ids[index].astype(np.uint64),
+        in_master=in_master,
+        rejection=rejection,
+        n_photometries=int(root["mag"].shape[2]),
+        dtype=root["mag"].dtype,
+    )
+
+
+def _block_sources(source: LightCurveSource, block_bytes: int) -> int:
+    """Sources per block: one (frame, source, photometry) float64 array of the block within
+    ``block_bytes`` (the block holds a few of them)."""
+    per_source = 8 * max(1, source.frame_slots.size) * source.n_photometries
+    return max(1, int(block_bytes) // per_source)
+
+
+def _read(array, source: LightCurveSource, index: np.ndarray) -> np.ndarray:
+    """``array[frames in time order, index]`` (frame, source, photometry): the sources read in store
+    order with one orthogonal selection, then put in the block's order."""
+    stored = np.sort(index)
+    n_frames = int(source.frame_slots.max()) + 1 if source.frame_slots.size else 0
+    values = array.get_orthogonal_selection((slice(0, n_frames), stored, slice(None)))
+    return values[source.frame_slots][:, np.searchsorted(stored, index)]
+
+
+def light_curve_blocks(source: LightCurveSource, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[dict]:
+    """The light-curve rows, block of sources by block of sources, in the final order.
+
+    Yields
+    ------
+    dict
+        One numpy array per column of :data:`LIGHT_CURVE_COLUMNS`, for a block's rows.
+    """
+    root = open_store(source.store)
+    data = root if source.data_group is None else root[source.data_group]
+    per_block = _block_sources(source, block_bytes)
+    n_phot = source.n_photometries
+    for start in range(0, source.source_index.size, per_block):
+        index = source.source_index[start : start + per_block]
+        measured = np.isfinite(_read(root["mag"], source, index)).any(axis=2)  # (frame, source)
+        mag = _read(data["mag"], source, index)
+        mag_err = _read(data["mag_err"], source, index)
+        flag = np.zeros(mag.shape, np.uint8)
+        flag[source.frame_quarantined] |= FRAME_QUARANTINED
+        if source.in_master is not None:
+            flag |= np.where(source.in_master[start : start + per_block], 0, NOT_IN_MASTER).astype(np.uint8)
+        if source.rejection is not None and source.frame_used.any():
+            # The master was built from the final iteration's magnitudes and errors (raw exports too).
+            if source.data_group == source.fitted_group:
+                fitted, fitted_err = mag, mag_err
+            else:
+                fitted_data = root[source.fitted_group]
+                fitted = _read(fitted_data["mag"], source, index)
+                fitted_err = _read(fitted_data["mag_err"], source, index)
+            used = source.frame_used
+            flag[used] |= _outliers(fitted[used], fitted_err[used], source.rejection)
+        flag |= np.where(np.isfinite(mag), 0, NO_VALUE).astype(np.uint8)
+        # Rows sorted by source, then time: the (source, frame) pairs of the transposed mask, in order.
+        source_pos, frame_pos = np.nonzero(measured.T)
+        yield {
+            "frame_id": source.frame_ids[frame_pos],
+            "time": source.times[frame_pos],
+            "source_id": source.source_ids[start + source_pos],
+            "mag": mag[frame_pos, source_pos].reshape(-1, n_phot),
+            "mag_err": mag_err[frame_pos, source_pos].reshape(-1, n_phot),
+            "flag": flag[frame_pos, source_pos].reshape(-1, n_phot),
+        }
+
+
+def _outliers(mag: np.ndarray, mag_err: np.ndarray, rejection: RejectionParameters) -> np.ndarray:
+    """:data:`OUTLIER` where the master's rejection did not keep a measurement (frame, source, photometry)
+    it used."""
+    low, high = kept_ranges(mag, mag_err, rejection)
+    values = mag.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(values) & np.isfinite(mag_err) & (mag_err > 0)
+        kept = (values >= low[None]) & (values <= high[None])
+    return np.where(usable & ~kept, OUTLIER, 0).astype(np.uint8)
+
+
+def _empty_block(source: LightCurveSource) -> dict:
+    n_phot = source.n_photometries
+    return {
+        "frame_id": np.zeros(0, str),
+        "time": np.zeros(0, np.float64),
+        "source_id": np.zeros(0, np.uint64),
+        "mag": np.zeros((0, n_phot), source.dtype),
+        "mag_err": np.zeros((0, n_phot), source.dtype),
+        "flag": np.zeros((0, n_phot), np.uint8),
+    }
+
+
+def light_curves(store, raw: bool = False, sources=None, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Table:
+    """The light curves as one table in memory (for some stars, or a store that fits in memory;
+    :func:`write_light_curves` writes any store in bounded memory).
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        The photref store, after ``photref magfit``.
+    raw : bool
+        The raw (ingested) magnitudes instead of the fitted ones.
+    sources : array_like of uint64, optional
+        Only these sources.
+    block_bytes : int
+        Memory budget of one source block while reading.
+
+    Returns
+    -------
+    astropy.table.Table
+        The columns of :data:`LIGHT_CURVE_COLUMNS`, sorted by source, then time; ``meta`` says where the
+        rows come from and what the flag bits mean.
+    """
+    source = open_light_curves(store, raw, sources)
+    blocks = [_empty_block(source), *light_curve_blocks(source, block_bytes)]
+    table = Table({name: np.concatenate([block[name] for block in blocks]) for name in LIGHT_CURVE_COLUMNS})
+    table["time"].unit = "d"
+    table["mag"].unit = table["mag_err"].unit = "mag"
+    table.meta.update(source.metadata)
+    return table
+
+
+# Metadata key -> FITS keyword (the flag bits get one keyword each: FLAG1, FLAG2, ...).
+_FITS_KEYWORDS = {"store": "STORE", "magnitudes": "MAGS", "magfit_run": "MAGFITRN"}
+
+
+def _fits_cards(metadata: dict) -> dict:
+    cards = {_FITS_KEYWORDS[key]: metadata[key] for key in _FITS_KEYWORDS}
+    cards.update({f"FLAG{bit}": text for bit, text in json.loads(metadata["flag_bits"]).items()})
+    return cards
+
+
+def _metadata_from_fits(header) -> dict:
+    metadata = {key: header.get(keyword, "") for key, keyword in _FITS_KEYWORDS.items()}
+    bits = {str(bit): header[f"FLAG{bit}"] for bit in FLAG_BITS if f"FLAG{bit}" in header}
+    metadata["flag_bits"] = json.dumps(bits)
+    return metadata
+
+
+class _FitsWriter:
+    """One binary-table HDU (``LIGHTCURVES``) streamed block by block: the header is written first with
+    NAXIS2 = 0 and its card rewritten in place at the end (a FITS card is 80 fixed characters), so no
+    block is held after it is written."""
+
+    def __init__(self, stream, source: LightCurveSource):
+        n_phot = source.n_photometries
+        width = max([1, *(len(name.encode()) for name in source.frame_ids)])
+        big = source.dtype.newbyteorder(">")
+        self.record = np.dtype(
+            [
+                ("frame_id", f"S{width}"),
+                ("time", ">f8"),
+                ("source_id", ">i8"),
+                ("mag", big, (n_phot,)),
+                ("mag_err", big, (n_phot,)),
+                ("flag", "u1", (n_phot,)),
+            ]
+        )
+        real = "E" if source.dtype.itemsize == 4 else "D"
+        dim = f"({n_phot})"
+        columns = [
+            fits.Column("frame_id", f"{width}A"),
+            fits.Column("time", "D", unit="d"),
+            fits.Column("source_id", "K", bzero=2**63),  # uint64, exact
+            fits.Column("mag", f"{n_phot}{real}", unit="mag", dim=dim),
+            fits.Column("mag_err", f"{n_phot}{real}", unit="mag", dim=dim),
+            fits.Column("flag", f"{n_phot}B", dim=dim),
+        ]
+        header = fits.BinTableHDU.from_columns(columns, nrows=0, name=_EXTNAME).header
+        for key, value in _fits_cards(source.metadata).items():
+            header[key] = value
+        self.stream = stream
+        self.rows = 0
+        stream.write(fits.PrimaryHDU().header.tostring().encode("ascii"))
+        text = header.tostring()
+        # The NAXIS2 card's offset: cards start every 80 characters.
+        card = next(i for i in range(0, len(text), 80) if text[i : i + 8] == "NAXIS2  ")
+        self.naxis2_at = stream.tell() + card
+        stream.write(text.encode("ascii"))
+
+    def write(self, block: dict) -> None:
+        records = np.empty(block["time"].size, self.record)
+        records["frame_id"] = np.char.encode(block["frame_id"].astype(str), "utf-8")
+        records["time"] = block["time"]
+        # TZERO 2**63: stored = value - 2**63, which is the value with its top bit flipped, read as int64.
+        records["source_id"] = (block["source_id"].astype(np.uint64) ^ np.uint64(2**63)).view(np.int64)
+        for name in ("mag", "mag_err", "flag"):
+            records[name] = block[name]
+        self.stream.write(records.tobytes())
+        self.rows += records.size
+
+    def close(self) -> None:
+        size = self.rows * self.record.itemsize
+        self.stream.write(b"\0" * (-size % 2880))
+        end = self.stream.tell()
+        self.stream.seek(self.naxis2_at)
+        self.stream.write(fits.Card("NAXIS2", self.rows, "number of rows in table").image.encode("ascii"))
+        self.stream.seek(end)
+
+
+class _ParquetWriter:
+    """One parquet file, a row group per block (pyarrow's writer streams them)."""
+
+    def __init__(self, stream, source: LightCurveSource):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.pa = pa
+        n_phot = source.n_photometries
+        real = pa.from_numpy_dtype(source.dtype)
+        self.schema = pa.schema(
+            [
+                ("frame_id", pa.string()),
+                ("time", pa.float64()),
+                ("source_id", pa.uint64()),
+                ("mag", pa.list_(real, n_phot)),
+                ("mag_err", pa.list_(real, n_phot)),
+                ("flag", pa.list_(pa.uint8(), n_phot)),
+            ],
+            metadata={key: value.encode() for key, value in source.metadata.items()},
+        )
+        self.n_phot = n_phot
+        self.rows = 0
+        self.writer = pq.ParquetWriter(stream, self.schema)
+
+    def write(self, block: dict) -> None:
+        pa = self.pa
+
+        def vectors(values, kind):
+            return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), kind), self.n_phot)
+
+        arrays = [
+            pa.array(block["frame_id"].astype(str), pa.string()),
+            pa.array(block["time"], pa.float64()),
+            pa.array(block["source_id"].astype(np.uint64), pa.uint64()),
+            *(vectors(block[name], self.schema.field(name).type.value_type) for name in ("mag", "mag_err")),
+            vectors(block["flag"], pa.uint8()),
+        ]
+        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        self.rows += block["time"].size
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+_WRITERS = {"fits": _FitsWriter, "parquet": _ParquetWriter}
+
+
+def light_curve_format(output, format: str | None = None) -> str:
+    """The output format: ``format`` when given, else from the file name (``.parquet``/``.pq``: parquet,
+    anything else: FITS).
+
+    Raises
+    ------
+    ValueError
+        For a format other than :data:`LIGHT_CURVE_FORMATS`.
+    """
+    if format is None:
+        suffix = Path(os.fspath(output)).suffix.lower() if output is not None else ""
+        format = "parquet" if suffix in (".parquet", ".pq") else "fits"
+    if format not in LIGHT_CURVE_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(LIGHT_CURVE_FORMATS)}, got {format!r}")
+    return format
+
+
+def _split_by_star(block: dict) -> Iterator[tuple[int, dict]]:
+    """Each star's rows of a block (contiguous: the rows are sorted by source)."""
+    ids = block["source_id"]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if ids.size else np.zeros(0, int)
+    for lo, hi in zip(starts, [*starts[1:], ids.size], strict=True):
+        yield int(ids[lo]), {name: values[lo:hi] for name, values in block.items()}
+
+
+def write_light_curves(
+    store,
+    output=None,
+    format: str | None = None,
+    per_star=None,
+    sources=None,
+    raw: bool = False,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    sources_path=None,
+) -> dict:
+    """Write the light curves in bounded memory: one file of all rows, one file per star, or both.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        The photref store, after ``photref magfit``.
+    output : str or os.PathLike, optional
+        The file of all rows (written atomically).
+    format : {'fits', 'parquet'}, optional
+        Default: from ``output``'s name (:func:`light_curve_format`).
+    per_star : str or os.PathLike, optional
+        A directory: one file per star with rows, ``<source_id>.fits`` (or ``.parquet``), and
+        ``lightcurves.json`` saying what was written.
+    sources : array_like of uint64, optional
+        Only these sources (see :func:`read_source_ids`).
+    raw : bool
+        The raw magnitudes instead of the fitted ones.
+    block_bytes : int
+        Memory budget of one (frame, source, photometry) array of a source block.
+    sources_path : str, optional
+        Where ``sources`` came from (named by errors).
+
+    Returns
+    -------
+    dict
+        ``output``, ``per_star``, ``format``, ``rows``, ``stars`` (with at least one row), and ``files``
+        (the identity of the output and of the per-star manifest, for :func:`products_intact
+        <photref_core.master.steps.products_intact>`).
+    """
+    import contextlib
+
+    from ..keys import file_key
+
+    if output is None and per_star is None:
+        raise ValueError("give an output file, a per-star directory, or both")
+    format = light_curve_format(output, format)
+    source = open_light_curves(store, raw, sources, sources_path)
+    writer_class = _WRITERS[format]
+    suffix = _SUFFIX[format]
+    if per_star is not None:
+        per_star = Path(os.path.abspath(os.fspath(per_star)))
+        per_star.mkdir(parents=True, exist_ok=True)
+    rows = stars = 0
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if output is not None:
+            output = Path(os.path.abspath(os.fspath(output)))
+            writer = writer_class(stack.enter_context(atomic_stream(output)), source)
+        for block in light_curve_blocks(source, block_bytes):
+            if writer is not None:
+                writer.write(block)
+            for source_id, rows_of_star in _split_by_star(block):
+                stars += 1
+                if per_star is not None:
+                    with atomic_stream(per_star / f"{source_id}{suffix}") as stream:
+                        star_writer = writer_class(stream, source)
+                        star_writer.write(rows_of_star)
+                        star_writer.close()
+            rows += block["time"].size
+        if writer is not None:
+            writer.close()
+    result = {
+        "output": None if output is None else str(output),
+        "per_star": None if per_star is None else str(per_star),
+        "format": format,
+        "rows": rows,
+        "stars": stars,
+        **source.metadata,
+    }
+    files = [] if output is None else [str(output)]
+    if per_star is not None:
+        manifest = per_star / "lightcurves.json"
+        with atomic_stream(manifest) as stream:
+            stream.write(json.dumps(result, indent=1).encode())
+        files.append(str(manifest))
+    result["files"] = {path: file_key(path) for path in files}
+    return result
+
+
+def read_light_curves(path) -> Table:
+    """A light-curve file written by :func:`write_light_curves` (FITS or parquet, by its content) as the
+    table :func:`light_curves` returns."""
+    with open(path, "rb") as stream:
+        parquet = stream.read(4) == b"PAR1"
+    if not parquet:
+        with fits.open(path) as hdul:
+            header = hdul[_EXTNAME].header
+            table = Table.read(hdul, hdu=_EXTNAME)
+        table.convert_bytestring_to_unicode()
+        table.meta = _metadata_from_fits(header)
+        return table
+    import pyarrow.parquet as pq
+
+    arrow = pq.read_table(path)
+    columns = {}
+    for name in LIGHT_CURVE_COLUMNS:
+        column = arrow.column(name).combine_chunks()
+        if name in ("mag", "mag_err", "flag"):
+            size = column.type.list_size
+            columns[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, size)
+        else:
+            columns[name] = column.to_numpy(zero_copy_only=False)
+    table = Table(columns)
+    table.meta.update({key.decode(): value.decode() for key, value in (arrow.schema.metadata or {}).items()})
+    return table
