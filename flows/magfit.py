@@ -149,7 +149,7 @@ def magnitude_fitting(
             )
             current = {"statistics": stats, "fit": fit}
             change = tasks.master_change(store, group, current) if k > 0 else None
-            entry.update(master=products["master"], change=change)
+            entry.update(master=products["master"], statistics=stats, fit=fit, change=change)
             history.append(entry)
             logger.info(
                 "iteration %d: %d frames fitted, %d quarantined, master change %s",
