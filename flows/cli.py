@@ -7,6 +7,8 @@ Subcommands::
     photref ingest STORE FRAMES... [--catalog CAT] [--strict]
     photref master STORE --catalog CAT --output MASTER.fits [statistics / fit options]
     photref magfit STORE [FRAMES...] --catalog CAT --output MASTER.fits [magfit options] [master options]
+    photref lightcurves STORE --output LC.fits [--format fits|parquet] [--per-star DIR] [--sources IDS.txt]
+                        [--raw]
     photref prf STORE IMAGES... --catalog CAT --output FLUXES.fits [PRF options]
     photref demo DIR
     photref server start|stop|status
@@ -188,6 +190,25 @@ def _cmd_magfit(args) -> int:
     return 0
 
 
+def _cmd_lightcurves(args) -> int:
+    from flows.lightcurves import run_lightcurves
+
+    result = run_lightcurves(
+        args.store,
+        args.output,
+        max_workers=args.max_workers,
+        dask_address=args.dask_address,
+        format=args.format,
+        per_star=args.per_star,
+        sources=args.sources,
+        raw=args.raw,
+        block_mib=args.block_mib,
+    )
+    result.pop("files", None)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 def _cmd_prf(args) -> int:
     from flows.prf import run_prf
     from photref_core.prf.parameters import PRFParameters
@@ -301,6 +322,32 @@ def build_parser() -> argparse.ArgumentParser:
     _runner_options(p)
     p.set_defaults(func=_cmd_magfit)
 
+    from photref_core.magfit.lightcurves import LIGHT_CURVE_FORMATS
+
+    p = sub.add_parser(
+        "lightcurves",
+        help="light curves: one row per frame and source, from the last magfit run (or raw magnitudes)",
+        description="Columns: frame_id, time (JD), source_id, mag and mag_err (one value per photometry), "
+        "flag (bits per photometry: 1 frame quarantined by the fit, 2 outlier of the master, 4 star not in "
+        "the master, 8 no magnitude); sorted by source, then time.",
+    )
+    p.add_argument("store")
+    p.add_argument("--output", default=None, help="the file of all rows (.fits or .parquet)")
+    p.add_argument(
+        "--format", choices=LIGHT_CURVE_FORMATS, default=None, help="default: from the --output name"
+    )
+    p.add_argument("--per-star", default=None, metavar="DIR", help="also one file per star: DIR/<source_id>")
+    p.add_argument("--sources", default=None, metavar="IDS", help="text file of source ids: only those")
+    p.add_argument("--raw", action="store_true", help="the raw magnitudes, not the fitted ones")
+    p.add_argument(
+        "--block-mib",
+        type=float,
+        default=DEFAULT_BLOCK_MIB,
+        help="memory of one (frame, source, photometry) array of a source block (default: %(default)s)",
+    )
+    _runner_options(p)
+    p.set_defaults(func=_cmd_lightcurves)
+
     p = sub.add_parser("prf", help="PRF photometry: ingest images, build the shape model, fit all fluxes")
     p.add_argument("store")
     p.add_argument("images", nargs="+", help="image files or glob patterns (quote them)")
@@ -362,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``photref`` console script."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "lightcurves" and args.output is None and args.per_star is None:
+        parser.error("lightcurves: give --output, --per-star, or both")
     if getattr(args, "needs_prefect", True):
         from flows.server import connect_to_server
 

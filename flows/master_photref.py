@@ -73,9 +73,9 @@ def master_steps(
     if label is not None:
         statistics = statistics.with_options(task_run_name=f"statistics {label}")
         fit = fit.with_options(task_run_name=f"scatter fit {label}")
-    stats_group, _ = _run_step(statistics, (store, params, block_bytes, data_group), has_group)
-    fit_group, _ = _run_step(fit, (store, stats_group, catalog, params), has_group)
-    products, unchanged = _run_step(
+    stats_group, _ = run_cached_step(statistics, (store, params, block_bytes, data_group), has_group)
+    fit_group, _ = run_cached_step(fit, (store, stats_group, catalog, params), has_group)
+    products, unchanged = run_cached_step(
         write_products,
         (store, stats_group, fit_group, catalog, output, params, extra_header, plots, data_group),
         products_intact,
@@ -83,7 +83,7 @@ def master_steps(
     return stats_group, fit_group, products, unchanged
 
 
-def _run_step(task, args: tuple, still_valid) -> tuple[object, bool]:
+def run_cached_step(task, args: tuple, still_valid) -> tuple[object, bool]:
     """Run a cached step; when its cached result has gone since (a pruned store group, a deleted file),
     run it again with a fresh cache entry. Returns the result and whether it was served from the cache."""
     future = task.submit(*args)

@@ -1,4 +1,5 @@
-"""Prefect tasks of the magnitude-fitting loop (:mod:`photref_core.magfit.loop`).
+"""Prefect tasks of the magnitude-fitting loop (:mod:`photref_core.magfit.loop`) and of the light curves
+(:mod:`photref_core.magfit.lightcurves`).
 
 The loop's cache is its run group in the store (:func:`photref_core.magfit.loop.finished_run`: a loop
 that finished with the same inputs, its products intact, is not run again), so the per-iteration tasks
@@ -9,12 +10,16 @@ content.
 
 from __future__ import annotations
 
+import os
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from photref_core.magfit import loop
+from photref_core import keys
+from photref_core.magfit import lightcurves, loop
 from photref_core.magfit.parameters import MagfitParameters
 from photref_core.master.parameters import MasterParameters
+from photref_core.store.schema import open_store
 
 from .common import IO_RETRY
 
@@ -27,6 +32,7 @@ __all__ = [
     "fit_frame_chunk",
     "master_change",
     "run_group",
+    "write_light_curves",
 ]
 
 _READ = {"cache_policy": NO_CACHE, **IO_RETRY}
@@ -90,3 +96,50 @@ def finish_run(
 ) -> dict:
     """Record the loop's summary in the store and as JSON beside the master."""
     return loop.finish_run(store, run_group, history, reason, output, products)
+
+
+def _light_curves_key(context, parameters) -> str:
+    """What the light curves depend on: the store's content, its latest magnitude-fitting run (named after
+    everything that run depends on), what is exported and where, the source list's identity, the code."""
+    store = parameters["store"]
+    summary = loop.latest_summary(store)
+    sources = parameters.get("sources")
+
+    def path(value):
+        return None if value is None else os.path.abspath(value)
+
+    return keys.digest(
+        "light-curves",
+        keys.code_version(),
+        store,
+        open_store(store).attrs.get("content_version", ""),
+        None if summary is None else summary["run_group"],
+        path(parameters.get("output")),
+        parameters.get("format"),
+        path(parameters.get("per_star")),
+        None if sources is None else keys.file_key(sources),
+        bool(parameters.get("raw")),
+    )
+
+
+@task(
+    name="write-light-curves",
+    task_run_name="light curves of {store}",
+    cache_key_fn=_light_curves_key,
+    **IO_RETRY,
+)
+def write_light_curves(
+    store: str,
+    output: str | None,
+    format: str | None,
+    per_star: str | None,
+    sources: str | None,
+    raw: bool,
+    block_bytes: int,
+) -> dict:
+    """Write the light curves (one file, per-star files or both), source block by source block; ``sources``
+    is the path of a file of source ids (:func:`~photref_core.magfit.lightcurves.read_source_ids`)."""
+    ids = None if sources is None else lightcurves.read_source_ids(sources)
+    return lightcurves.write_light_curves(
+        store, output, format, per_star, ids, raw, block_bytes=block_bytes, sources_path=sources
+    )
