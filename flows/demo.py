@@ -4,7 +4,7 @@ Leaves in DIR: the simulated inputs (``photometry/``, ``images/``, ``raw/``), th
 master FITS (``master.fits``), its statistics table (``master_stat.fits``), the plots (``master_*.png``), the
 PRF fluxes (``prf_fluxes.fits``) and shape-model plot (``prf_fluxes_prf.png``), the magnitude fitting of the
 raw frames (store ``raw.zarr``, ``magfit/master.fits``, ``magfit/master_iter<k>.fits``,
-``magfit/master_magfit.json``), and ``summary.md``.
+``magfit/master_magfit.json``), their light curves (``magfit/lightcurves.fits``), and ``summary.md``.
 Without a ``PREFECT_API_URL`` the flows run on Prefect's temporary embedded server.
 """
 
@@ -23,6 +23,7 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
     from photref_core.simulate.photometry import simulate_photometry
     from photref_core.simulate.rawphotometry import simulate_raw_photometry
 
+    from .lightcurves import run_lightcurves
     from .magfit import run_magfit
     from .master_photref import run_master
     from .prf import run_prf
@@ -60,6 +61,7 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
         out / "magfit" / "master.fits",
         frames=[str(Path(raw.frames[0]).parent / "*.fits")],
     )
+    curves = run_lightcurves(out / "raw.zarr", out / "magfit" / "lightcurves.fits")
     t_magfit = time.perf_counter() - t0
     summary = {
         "inputs": {
@@ -73,11 +75,12 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
         "master": products,
         "prf": prf,
         "magfit": magfit,
+        "lightcurves": curves,
         "seconds": {
             "simulate": round(t_sim, 2),
             "ingest+master flow": round(t_master, 2),
             "simulate images + prf flow": round(t_prf, 2),
-            "simulate raw frames + magfit flow": round(t_magfit, 2),
+            "simulate raw frames + magfit flow + light curves": round(t_magfit, 2),
         },
     }
     lines = [
@@ -106,7 +109,8 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
         "",
         f"Magnitude fitting of {len(raw.frames)} raw frames x 1000 stars (`{out / 'raw.zarr'}`): "
         f"{len(magfit['iterations'])} iterations, {magfit['stopped']}; final master "
-        f"`{magfit['master']['master']}`, fitted magnitudes in the store group `{magfit['final_group']}`.",
+        f"`{magfit['master']['master']}`, fitted magnitudes in the store group `{magfit['final_group']}`; "
+        f"light curves ({curves['rows']} measurements of {curves['stars']} stars) in `{curves['output']}`.",
     ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
