@@ -16,7 +16,8 @@ the final fit quarantined keeps its rows, NaN, flagged.
 
 The flags describe the measurement, whichever magnitudes are exported (``raw`` too); they come from the
 store's last finished magnitude-fitting loop and its final master, so they are all 0 but
-:data:`NO_VALUE` when ``raw`` is asked of a store without one:
+:data:`NO_VALUE` when ``raw`` is asked of a store without one, or of a store changed since (fitted
+magnitudes of a changed store are refused: the loop did not see the new frames):
 
 * :data:`FRAME_QUARANTINED` (1): the final iteration's fit quarantined the frame;
 * :data:`OUTLIER` (2): the final master's iterative rejection (SPEC 3) rejected this fitted magnitude,
@@ -61,6 +62,7 @@ __all__ = [
     "NO_VALUE",
     "OUTLIER",
     "LightCurveSource",
+    "block_bytes_per_source",
     "light_curve_blocks",
     "light_curve_format",
     "light_curves",
@@ -86,6 +88,9 @@ FLAG_BITS = {
 LIGHT_CURVE_COLUMNS = ("frame_id", "time", "source_id", "mag", "mag_err", "flag")
 
 LIGHT_CURVE_FORMATS = ("fits", "parquet")
+
+# A block's arrays (:func:`light_curve_blocks`): the frame as an index into the source's frame ids.
+_BLOCK_COLUMNS = ("frame_index", "time", "source_id", "mag", "mag_err", "flag")
 
 _SUFFIX = {"fits": ".fits", "parquet": ".parquet"}
 
@@ -181,6 +186,14 @@ def open_light_curves(store, raw: bool = False, sources=None, sources_path=None)
     root = open_store(url)
     n_frames, n_src = committed_sizes(root)
     summary = latest_summary(url)
+    if summary is not None and summary.get("store_version") != root.attrs.get("content_version", ""):
+        if not raw:
+            raise StoreError(
+                f"{url}: the store changed (frames ingested) since its last magnitude fit "
+                f"({summary['run_group']}): run `photref magfit` again (or export the raw magnitudes with "
+                "--raw)"
+            )
+        summary = None  # raw magnitudes of a changed store: no flags from a loop that did not see them
     if summary is None and not raw:
         raise StoreError(
             f"{url}: no magnitude-fitting results in this store: run `photref magfit {url} --catalog CAT "
@@ -200,7 +213,7 @@ def open_light_curves(store, raw: bool = False, sources=None, sources_path=None)
         wanted = np.unique(np.asarray(sources, dtype=np.uint64))
         order = np.argsort(all_ids, kind="stable")
         pos = np.minimum(np.searchsorted(all_ids, wanted, sorter=order), max(n_src - 1, 0))
-        found = (n_src > 0) & (all_ids[order[pos]] == wanted) if n_src else np.zeros(wanted.size, bool)
+        found = all_ids[order[pos]] == wanted if n_src else np.zeros(wanted.size, bool)
         if not found.all():
             missing = wanted[~found]
             listed = ", ".join(str(s) for s in missing[:5]) + (" ..." if missing.size > 5 else "")
@@ -243,71 +256,168 @@ def open_light_curves(store, raw: bool = False, sources=None, sources_path=None)
     )
 
 
+# What one (frame, source) pair of a block costs at the peak of its processing, in bytes per photometry
+# and fixed: the values and errors (and the fitted ones for the flags of a raw export), the rejection's
+# sorted copy, the flags, the rows made of them. Measured with bench/lightcurves.py (400 frames x 20,000
+# stars x 3): a budget of one float64 array per block grew the peak RSS by 18x that budget.
+_BYTES_PER_VALUE = 56
+_BYTES_PER_PAIR = 48
+
+
+def block_bytes_per_source(source: LightCurveSource) -> int:
+    """The working memory one source adds to a block (all its frames): blocks hold
+    ``block_bytes // block_bytes_per_source(source)`` sources (at least one)."""
+    return max(1, source.frame_slots.size) * (_BYTES_PER_VALUE * source.n_photometries + _BYTES_PER_PAIR)
+
+
 def _block_sources(source: LightCurveSource, block_bytes: int) -> int:
-    """Sources per block: one (frame, source, photometry) float64 array of the block within
-    ``block_bytes`` (the block holds a few of them)."""
-    per_source = 8 * max(1, source.frame_slots.size) * source.n_photometries
-    return max(1, int(block_bytes) // per_source)
+    return max(1, int(block_bytes) // block_bytes_per_source(source))
 
 
-def _read(array, source: LightCurveSource, index: np.ndarray) -> np.ndarray:
-    """``array[frames in time order, index]`` (frame, source, photometry): the sources read in store
-    order with one orthogonal selection, then put in the block's order."""
+def _needed_arrays(source: LightCurveSource) -> dict[str, tuple[str | None, str]]:
+    """What every block reads: name -> (store group, array)."""
+    arrays = {
+        "measured": (None, "mag"),  # where the raw magnitudes are finite: what makes a row
+        "mag": (source.data_group, "mag"),
+        "mag_err": (source.data_group, "mag_err"),
+    }
+    if source.rejection is not None and source.fitted_group != source.data_group:
+        arrays["fitted_mag"] = (source.fitted_group, "mag")
+        arrays["fitted_err"] = (source.fitted_group, "mag_err")
+    return arrays
+
+
+def _store_array(root, where: tuple[str | None, str]):
+    group, name = where
+    return (root if group is None else root[group])[name]
+
+
+def _read_rows(root, where, slots: np.ndarray, index: np.ndarray, measured: bool) -> np.ndarray:
+    """``array[slots, index]`` (frames in slot order, sources in ``index`` order): the sources read in
+    store order with one orthogonal selection; ``measured``: whether any photometry is finite."""
     stored = np.sort(index)
-    n_frames = int(source.frame_slots.max()) + 1 if source.frame_slots.size else 0
-    values = array.get_orthogonal_selection((slice(0, n_frames), stored, slice(None)))
-    return values[source.frame_slots][:, np.searchsorted(stored, index)]
+    values = _store_array(root, where).get_orthogonal_selection((slots, stored, slice(None)))
+    if not np.array_equal(stored, index):
+        values = values[:, np.searchsorted(stored, index)]
+    return np.isfinite(values).any(axis=2) if measured else values
 
 
-def light_curve_blocks(source: LightCurveSource, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[dict]:
+def _source_major_copy(root, source: LightCurveSource, per_block: int, block_bytes: int, directory) -> dict:
+    """The block's arrays copied into a scratch zarr store chunked a block of sources wide, the sources in
+    id order (pass 1: every chunk of the store read once, a few frames at a time, all sources).
+
+    Reading a block straight from the store would decompress every chunk holding any of its sources: the
+    store's chunks span many sources (all of them on a small field), so each block would read the whole
+    store again. After this copy a block reads exactly its own chunks.
+    """
+    import zarr
+
+    slots = np.sort(source.frame_slots)
+    n_src = int(root["mag"].shape[1])
+    n_phot = source.n_photometries
+    arrays = _needed_arrays(source)
+    # Frames a piece: its rows of every source within the budget, at most one store frame chunk.
+    piece = int(np.clip(block_bytes // max(1, 2 * 8 * n_src * n_phot), 1, root["mag"].chunks[0]))
+    scratch = zarr.open_group(str(directory), mode="w")
+    copies = {}
+    for name, where in arrays.items():
+        vector = name != "measured"
+        copies[name] = scratch.create_array(
+            name,
+            shape=(slots.size, source.source_index.size, *((n_phot,) if vector else ())),
+            chunks=(piece, per_block, *((n_phot,) if vector else ())),
+            dtype=_store_array(root, where).dtype if vector else bool,
+            fill_value=np.nan if vector else False,
+        )
+    for lo in range(0, slots.size, piece):
+        frames = slots[lo : lo + piece]
+        for name, where in arrays.items():
+            copies[name][lo : lo + frames.size] = _read_rows(
+                root, where, frames, source.source_index, name == "measured"
+            )
+    return copies
+
+
+def light_curve_blocks(
+    source: LightCurveSource, block_bytes: int = DEFAULT_BLOCK_BYTES, scratch=None
+) -> Iterator[dict]:
     """The light-curve rows, block of sources by block of sources, in the final order.
+
+    Parameters
+    ----------
+    source : LightCurveSource
+        What to read (:func:`open_light_curves`).
+    block_bytes : int
+        Working memory of one block (the peak grows by about this, plus one block's output).
+    scratch : str or os.PathLike, optional
+        Where the source-major scratch copy goes when there is more than one block (a temporary
+        directory inside it, removed at the end; default: the system's temporary directory).
 
     Yields
     ------
     dict
-        One numpy array per column of :data:`LIGHT_CURVE_COLUMNS`, for a block's rows.
+        For a block's rows: ``frame_index`` (into ``source.frame_ids``) and the other columns of
+        :data:`LIGHT_CURVE_COLUMNS` (``time``, ``source_id``, ``mag``, ``mag_err``, ``flag``).
     """
+    import tempfile
+
     root = open_store(source.store)
-    data = root if source.data_group is None else root[source.data_group]
     per_block = _block_sources(source, block_bytes)
-    n_phot = source.n_photometries
-    for start in range(0, source.source_index.size, per_block):
-        index = source.source_index[start : start + per_block]
-        measured = np.isfinite(_read(root["mag"], source, index)).any(axis=2)  # (frame, source)
-        mag = _read(data["mag"], source, index)
-        mag_err = _read(data["mag_err"], source, index)
-        flag = np.zeros(mag.shape, np.uint8)
-        flag[source.frame_quarantined] |= FRAME_QUARANTINED
-        if source.in_master is not None:
-            flag |= np.where(source.in_master[start : start + per_block], 0, NOT_IN_MASTER).astype(np.uint8)
-        if source.rejection is not None and source.frame_used.any():
-            # The master was built from the final iteration's magnitudes and errors (raw exports too).
-            if source.data_group == source.fitted_group:
-                fitted, fitted_err = mag, mag_err
-            else:
-                fitted_data = root[source.fitted_group]
-                fitted = _read(fitted_data["mag"], source, index)
-                fitted_err = _read(fitted_data["mag_err"], source, index)
-            used = source.frame_used
+    n_sel = source.source_index.size
+    slots = np.sort(source.frame_slots)
+    to_time = np.searchsorted(slots, source.frame_slots)  # slot order -> time order
+    in_time_order = np.array_equal(to_time, np.arange(to_time.size))
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".photref-lightcurves-") as directory:
+        copies = None
+        if n_sel > per_block:
+            copies = _source_major_copy(root, source, per_block, block_bytes, directory)
+        for start in range(0, n_sel, per_block):
+            stop = min(start + per_block, n_sel)
+            values = {}
+            for name, where in _needed_arrays(source).items():
+                if copies is None:
+                    index = source.source_index[start:stop]
+                    block = _read_rows(root, where, slots, index, name == "measured")
+                else:
+                    block = copies[name][:, start:stop]
+                values[name] = block if in_time_order else block[to_time]
+            yield _block_rows(source, values, start, stop)
+
+
+def _block_rows(source: LightCurveSource, values: dict, start: int, stop: int) -> dict:
+    """The rows of one block of sources from its (frame, source[, photometry]) arrays in time order."""
+    mag, mag_err = values["mag"], values["mag_err"]
+    flag = np.zeros(mag.shape, np.uint8)
+    flag[source.frame_quarantined] |= FRAME_QUARANTINED
+    if source.in_master is not None:
+        flag |= np.where(source.in_master[start:stop], 0, NOT_IN_MASTER).astype(np.uint8)
+    used = source.frame_used
+    if source.rejection is not None and used.any():
+        # The master was built from the final iteration's magnitudes and errors (raw exports too).
+        fitted = values.get("fitted_mag", mag)
+        fitted_err = values.get("fitted_err", mag_err)
+        if used.all():
+            flag |= _outliers(fitted, fitted_err, source.rejection)
+        else:
             flag[used] |= _outliers(fitted[used], fitted_err[used], source.rejection)
-        flag |= np.where(np.isfinite(mag), 0, NO_VALUE).astype(np.uint8)
-        # Rows sorted by source, then time: the (source, frame) pairs of the transposed mask, in order.
-        source_pos, frame_pos = np.nonzero(measured.T)
-        yield {
-            "frame_id": source.frame_ids[frame_pos],
-            "time": source.times[frame_pos],
-            "source_id": source.source_ids[start + source_pos],
-            "mag": mag[frame_pos, source_pos].reshape(-1, n_phot),
-            "mag_err": mag_err[frame_pos, source_pos].reshape(-1, n_phot),
-            "flag": flag[frame_pos, source_pos].reshape(-1, n_phot),
-        }
+    flag |= np.where(np.isfinite(mag), 0, NO_VALUE).astype(np.uint8)
+    # Rows sorted by source, then time: the (source, frame) pairs of the transposed mask, in order.
+    source_pos, frame_pos = np.nonzero(values["measured"].T)
+    return {
+        "frame_index": frame_pos.astype(np.int32),
+        "time": source.times[frame_pos],
+        "source_id": source.source_ids[start + source_pos],
+        "mag": mag[frame_pos, source_pos],
+        "mag_err": mag_err[frame_pos, source_pos],
+        "flag": flag[frame_pos, source_pos],
+    }
 
 
 def _outliers(mag: np.ndarray, mag_err: np.ndarray, rejection: RejectionParameters) -> np.ndarray:
     """:data:`OUTLIER` where the master's rejection did not keep a measurement (frame, source, photometry)
     it used."""
     low, high = kept_ranges(mag, mag_err, rejection)
-    values = mag.astype(np.float64)
+    values = np.asarray(mag, np.float64)
     with np.errstate(invalid="ignore"):
         usable = np.isfinite(values) & np.isfinite(mag_err) & (mag_err > 0)
         kept = (values >= low[None]) & (values <= high[None])
@@ -317,7 +427,7 @@ def _outliers(mag: np.ndarray, mag_err: np.ndarray, rejection: RejectionParamete
 def _empty_block(source: LightCurveSource) -> dict:
     n_phot = source.n_photometries
     return {
-        "frame_id": np.zeros(0, str),
+        "frame_index": np.zeros(0, np.int32),
         "time": np.zeros(0, np.float64),
         "source_id": np.zeros(0, np.uint64),
         "mag": np.zeros((0, n_phot), source.dtype),
@@ -339,7 +449,7 @@ def light_curves(store, raw: bool = False, sources=None, block_bytes: int = DEFA
     sources : array_like of uint64, optional
         Only these sources.
     block_bytes : int
-        Memory budget of one source block while reading.
+        Working memory of a source block (:func:`light_curve_blocks`).
 
     Returns
     -------
@@ -349,7 +459,9 @@ def light_curves(store, raw: bool = False, sources=None, block_bytes: int = DEFA
     """
     source = open_light_curves(store, raw, sources)
     blocks = [_empty_block(source), *light_curve_blocks(source, block_bytes)]
-    table = Table({name: np.concatenate([block[name] for block in blocks]) for name in LIGHT_CURVE_COLUMNS})
+    columns = {name: np.concatenate([block[name] for block in blocks]) for name in _BLOCK_COLUMNS}
+    columns["frame_id"] = source.frame_ids[columns.pop("frame_index")]
+    table = Table({name: columns[name] for name in LIGHT_CURVE_COLUMNS})
     table["time"].unit = "d"
     table["mag"].unit = table["mag_err"].unit = "mag"
     table.meta.update(source.metadata)
@@ -405,6 +517,7 @@ class _FitsWriter:
         header = fits.BinTableHDU.from_columns(columns, nrows=0, name=_EXTNAME).header
         for key, value in _fits_cards(source.metadata).items():
             header[key] = value
+        self.frame_ids = np.char.encode(source.frame_ids, "utf-8")
         self.stream = stream
         self.rows = 0
         stream.write(fits.PrimaryHDU().header.tostring().encode("ascii"))
@@ -416,7 +529,7 @@ class _FitsWriter:
 
     def write(self, block: dict) -> None:
         records = np.empty(block["time"].size, self.record)
-        records["frame_id"] = np.char.encode(block["frame_id"].astype(str), "utf-8")
+        records["frame_id"] = self.frame_ids[block["frame_index"]]
         records["time"] = block["time"]
         # TZERO 2**63: stored = value - 2**63, which is the value with its top bit flipped, read as int64.
         records["source_id"] = (block["source_id"].astype(np.uint64) ^ np.uint64(2**63)).view(np.int64)
@@ -446,7 +559,7 @@ class _ParquetWriter:
         real = pa.from_numpy_dtype(source.dtype)
         self.schema = pa.schema(
             [
-                ("frame_id", pa.string()),
+                ("frame_id", pa.dictionary(pa.int32(), pa.string())),
                 ("time", pa.float64()),
                 ("source_id", pa.uint64()),
                 ("mag", pa.list_(real, n_phot)),
@@ -455,6 +568,7 @@ class _ParquetWriter:
             ],
             metadata={key: value.encode() for key, value in source.metadata.items()},
         )
+        self.frame_ids = pa.array(source.frame_ids, pa.string())
         self.n_phot = n_phot
         self.rows = 0
         self.writer = pq.ParquetWriter(stream, self.schema)
@@ -466,7 +580,7 @@ class _ParquetWriter:
             return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), kind), self.n_phot)
 
         arrays = [
-            pa.array(block["frame_id"].astype(str), pa.string()),
+            pa.DictionaryArray.from_arrays(pa.array(block["frame_index"], pa.int32()), self.frame_ids),
             pa.array(block["time"], pa.float64()),
             pa.array(block["source_id"].astype(np.uint64), pa.uint64()),
             *(vectors(block[name], self.schema.field(name).type.value_type) for name in ("mag", "mag_err")),
@@ -516,6 +630,7 @@ def write_light_curves(
     raw: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     sources_path=None,
+    scratch=None,
 ) -> dict:
     """Write the light curves in bounded memory: one file of all rows, one file per star, or both.
 
@@ -535,9 +650,13 @@ def write_light_curves(
     raw : bool
         The raw magnitudes instead of the fitted ones.
     block_bytes : int
-        Memory budget of one (frame, source, photometry) array of a source block.
+        Working memory of a source block (:func:`light_curve_blocks`).
     sources_path : str, optional
         Where ``sources`` came from (named by errors).
+    scratch : str or os.PathLike, optional
+        Directory of the temporary source-major copy a store of more than one block needs (about the size
+        of the exported magnitudes; removed at the end). Default: beside the output (or per-star
+        directory), on the same file system as what is written.
 
     Returns
     -------
@@ -565,7 +684,10 @@ def write_light_curves(
         if output is not None:
             output = Path(os.path.abspath(os.fspath(output)))
             writer = writer_class(stack.enter_context(atomic_stream(output)), source)
-        for block in light_curve_blocks(source, block_bytes):
+        if scratch is None:
+            scratch = per_star if output is None else output.parent
+            Path(scratch).mkdir(parents=True, exist_ok=True)
+        for block in light_curve_blocks(source, block_bytes, scratch):
             if writer is not None:
                 writer.write(block)
             for source_id, rows_of_star in _split_by_star(block):
@@ -608,17 +730,21 @@ def read_light_curves(path) -> Table:
         table.convert_bytestring_to_unicode()
         table.meta = _metadata_from_fits(header)
         return table
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     arrow = pq.read_table(path)
     columns = {}
     for name in LIGHT_CURVE_COLUMNS:
         column = arrow.column(name).combine_chunks()
+        if name == "frame_id":
+            column = column.cast(pa.string())
         if name in ("mag", "mag_err", "flag"):
             size = column.type.list_size
             columns[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, size)
         else:
             columns[name] = column.to_numpy(zero_copy_only=False)
+    columns["frame_id"] = columns["frame_id"].astype(str)
     table = Table(columns)
     table.meta.update({key.decode(): value.decode() for key, value in (arrow.schema.metadata or {}).items()})
     return table

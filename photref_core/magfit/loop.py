@@ -453,6 +453,9 @@ def finish_run(store, run_group: str, history: list[dict], reason: str, output, 
     path = summary_path(output)
     summary = {
         "run_group": run_group,
+        # The store's content the loop fitted (its lock held the content fixed): readers of the results
+        # (the light curves) refuse a store changed since.
+        "store_version": open_store(store).attrs.get("content_version", ""),
         "final_iteration": history[-1]["iteration"],
         "final_group": history[-1]["group"],
         "converged": reason.startswith("converged"),

@@ -170,11 +170,12 @@ def test_a_file_written_in_many_source_blocks_equals_the_in_memory_table(field, 
     _, store, _ = field
     expected = lc.light_curves(store)
     source = lc.open_light_curves(store)
-    block_bytes = 8 * source.frame_slots.size * source.n_photometries * 7  # 7 sources a block
+    block_bytes = 7 * lc.block_bytes_per_source(source)  # 7 sources a block: through the scratch copy
     blocks = list(lc.light_curve_blocks(source, block_bytes))
     assert len(blocks) == math.ceil(source.source_index.size / 7)
     output = tmp_path / f"lc.{format}"
     result = lc.write_light_curves(store, output, block_bytes=block_bytes)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [output.name]  # no scratch left behind
     assert (result["format"], result["rows"], result["stars"]) == (format, len(expected), 300)
     back = lc.read_light_curves(output)
     assert_same_rows(back, expected)
@@ -187,7 +188,8 @@ def test_per_star_files_hold_each_star_rows_named_by_its_id(field, tmp_path, for
     _, store, _ = field
     expected = lc.light_curves(store)
     directory = tmp_path / "stars"
-    result = lc.write_light_curves(store, per_star=directory, format=format, block_bytes=8 * 24 * 3 * 5)
+    block_bytes = 5 * lc.block_bytes_per_source(lc.open_light_curves(store))
+    result = lc.write_light_curves(store, per_star=directory, format=format, block_bytes=block_bytes)
     files = sorted(directory.glob(f"*.{format}"))
     assert len(files) == result["stars"] == len(np.unique(expected["source_id"]))
     for path in files[:: max(1, len(files) // 20)]:
@@ -220,7 +222,11 @@ def test_a_source_list_selects_those_stars_and_unknown_ids_are_named(field, tmp_
 
 def test_raw_light_curves_are_the_ingested_magnitudes(field):
     _, store, _ = field
-    assert_same_rows(lc.light_curves(store, raw=True), reference_rows(store, raw=True))
+    expected = reference_rows(store, raw=True)
+    assert_same_rows(lc.light_curves(store, raw=True), expected)
+    # In blocks: the raw values and the final iteration's (for the outlier bit) through the scratch copy.
+    block_bytes = 11 * lc.block_bytes_per_source(lc.open_light_curves(store, raw=True))
+    assert_same_rows(lc.light_curves(store, raw=True, block_bytes=block_bytes), expected)
 
 
 def test_a_store_without_magfit_results_says_to_run_photref_magfit_first(tmp_path):
@@ -233,4 +239,19 @@ def test_a_store_without_magfit_results_says_to_run_photref_magfit_first(tmp_pat
     raw = lc.light_curves(store, raw=True)  # the raw magnitudes need no loop; only NO_VALUE can be set
     root = xr.open_zarr(store, consolidated=False)
     assert len(raw) == int(np.isfinite(root["mag"].values).any(axis=2).sum())
+    assert set(np.unique(raw["flag"]).tolist()) <= {0, lc.NO_VALUE}
+
+
+def test_a_store_changed_since_the_loop_is_refused_and_raw_exports_lose_the_stale_flags(tmp_path):
+    sim = simulate_raw_photometry(tmp_path, frames=8, stars=120, seed=6)
+    store = str(tmp_path / "field.zarr")
+    ingest(store, sim.frames[:6], sim.catalog)
+    params = MagfitParameters(magfit_terms="O1{phot_g_mean_mag, x, y}")
+    magnitude_fit(store, sim.catalog, tmp_path / "out" / "master.fits", params)
+    assert len(lc.light_curves(store)) > 0
+    ingest(store, sim.frames, sim.catalog)  # two new frames the loop did not see
+    with pytest.raises(StoreError, match=r"changed \(frames ingested\) since its last magnitude fit.*again"):
+        lc.light_curves(store)
+    raw = lc.light_curves(store, raw=True)
+    assert len(np.unique(raw["frame_id"])) == 8 and raw.meta["magfit_run"] == ""
     assert set(np.unique(raw["flag"]).tolist()) <= {0, lc.NO_VALUE}
