@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-mib",
         type=float,
         default=DEFAULT_BLOCK_MIB,
-        help="memory of one (frame, source, photometry) array of a source block (default: %(default)s)",
+        help="working memory of a block of sources, MiB (default: %(default)s)",
     )
     _runner_options(p)
     p.set_defaults(func=_cmd_lightcurves)

@@ -75,7 +75,8 @@ def export_light_curves(
     raw : bool
         The raw magnitudes instead of the final fitted ones.
     block_mib : float
-        Memory budget of one (frame, source, photometry) array of a source block, in MiB.
+        Working memory of a block of sources, in MiB (a store of more than one block is first copied,
+        source-major, to a scratch directory beside the output).
     lock_timeout : float or None
         Seconds to wait for another run on the same store to finish (0: refuse at once; None: wait).
 

@@ -7,7 +7,7 @@ Columns (:data:`LIGHT_CURVE_COLUMNS`)::
     time       float64    JD of the frame (NaN when the frame has none; such frames sort last)
     source_id  uint64     exact (FITS: K with TZERO = 2**63; parquet: uint64)
     mag        (P,)       the store's dtype; NaN kept as NaN (the flag says why)
-    mag_err    (P,)       the raw error of the measurement (magnitude fitting does not change it)
+    mag_err    (P,)       the measurement's error (magnitude fitting keeps it; NaN where it gave no mag)
     flag       (P,) uint8 bits, per photometry (:data:`FLAG_BITS`)
 
 What counts as a measurement: a source with a finite raw magnitude in at least one photometry of an
@@ -25,11 +25,12 @@ magnitudes of a changed store are refused: the loop did not see the new frames):
 * :data:`NOT_IN_MASTER` (4): the star is not in the final master in this photometry;
 * :data:`NO_VALUE` (8): ``mag`` is NaN.
 
-Memory is bounded: the rows are made and written source block by source block (all frames of a block's
-sources at once, which the outlier flag needs), each block at most ``block_bytes`` per (frame, source,
-photometry) array, whatever the size of the store. Blocks follow the sorted source ids; each block reads
-its sources with one orthogonal selection, which touches the chunks of one run of sorted ids per ingestion
-that added sources (ingestion appends new sources sorted), so a store is read about once.
+Memory is bounded: the rows are made and written a block of sources at a time (all frames of a block's
+sources, which the outlier flag needs), each block's working memory within ``block_bytes`` whatever the
+size of the store. The store is chunked for its writers (a few frames by many sources), so a block read
+straight from it would decompress every chunk of the store; with more than one block the arrays are first
+copied, each chunk read once, into a scratch zarr store chunked a block of sources wide with the sources in
+id order (:func:`light_curve_blocks`), and each block then reads exactly its own chunks.
 """
 
 from __future__ import annotations
@@ -316,8 +317,14 @@ def _source_major_copy(root, source: LightCurveSource, per_block: int, block_byt
     n_src = int(root["mag"].shape[1])
     n_phot = source.n_photometries
     arrays = _needed_arrays(source)
-    # Frames a piece: its rows of every source within the budget, at most one store frame chunk.
-    piece = int(np.clip(block_bytes // max(1, 2 * 8 * n_src * n_phot), 1, root["mag"].chunks[0]))
+    # Frames a piece: its rows of every source (read, then put in id order: two copies) within the budget,
+    # whole store frame chunks when the budget allows (a chunk is then decompressed once). The scratch
+    # chunks are a piece by a block: the larger the budget, the fewer and larger the files.
+    piece = max(1, block_bytes // max(1, 2 * 8 * n_src * n_phot))
+    chunk = root["mag"].chunks[0]
+    if piece >= chunk:
+        piece -= piece % chunk
+    piece = int(min(piece, slots.size))
     scratch = zarr.open_group(str(directory), mode="w")
     copies = {}
     for name, where in arrays.items():
@@ -488,13 +495,15 @@ def _metadata_from_fits(header) -> dict:
 class _FitsWriter:
     """One binary-table HDU (``LIGHTCURVES``) streamed block by block: the header is written first with
     NAXIS2 = 0 and its card rewritten in place at the end (a FITS card is 80 fixed characters), so no
-    block is held after it is written."""
+    block is held after it is written. The headers and the record layout are made once per export
+    (:meth:`prepare`): a per-star file costs the write of its rows only."""
 
-    def __init__(self, stream, source: LightCurveSource):
+    @staticmethod
+    def prepare(source: LightCurveSource) -> dict:
         n_phot = source.n_photometries
         width = max([1, *(len(name.encode()) for name in source.frame_ids)])
         big = source.dtype.newbyteorder(">")
-        self.record = np.dtype(
+        record = np.dtype(
             [
                 ("frame_id", f"S{width}"),
                 ("time", ">f8"),
@@ -517,15 +526,24 @@ class _FitsWriter:
         header = fits.BinTableHDU.from_columns(columns, nrows=0, name=_EXTNAME).header
         for key, value in _fits_cards(source.metadata).items():
             header[key] = value
-        self.frame_ids = np.char.encode(source.frame_ids, "utf-8")
-        self.stream = stream
-        self.rows = 0
-        stream.write(fits.PrimaryHDU().header.tostring().encode("ascii"))
+        primary = fits.PrimaryHDU().header.tostring().encode("ascii")
         text = header.tostring()
         # The NAXIS2 card's offset: cards start every 80 characters.
         card = next(i for i in range(0, len(text), 80) if text[i : i + 8] == "NAXIS2  ")
-        self.naxis2_at = stream.tell() + card
-        stream.write(text.encode("ascii"))
+        return {
+            "record": record,
+            "frame_ids": np.char.encode(source.frame_ids, "utf-8"),
+            "headers": primary + text.encode("ascii"),
+            "naxis2_at": len(primary) + card,
+        }
+
+    def __init__(self, stream, layout: dict):
+        self.record = layout["record"]
+        self.frame_ids = layout["frame_ids"]
+        self.stream = stream
+        self.rows = 0
+        self.naxis2_at = stream.tell() + layout["naxis2_at"]
+        stream.write(layout["headers"])
 
     def write(self, block: dict) -> None:
         records = np.empty(block["time"].size, self.record)
@@ -548,16 +566,16 @@ class _FitsWriter:
 
 
 class _ParquetWriter:
-    """One parquet file, a row group per block (pyarrow's writer streams them)."""
+    """One parquet file, a row group per block (pyarrow's writer streams them); the schema is made once
+    per export (:meth:`prepare`)."""
 
-    def __init__(self, stream, source: LightCurveSource):
+    @staticmethod
+    def prepare(source: LightCurveSource) -> dict:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        self.pa = pa
-        n_phot = source.n_photometries
         real = pa.from_numpy_dtype(source.dtype)
-        self.schema = pa.schema(
+        n_phot = source.n_photometries
+        schema = pa.schema(
             [
                 ("frame_id", pa.dictionary(pa.int32(), pa.string())),
                 ("time", pa.float64()),
@@ -568,8 +586,16 @@ class _ParquetWriter:
             ],
             metadata={key: value.encode() for key, value in source.metadata.items()},
         )
-        self.frame_ids = pa.array(source.frame_ids, pa.string())
-        self.n_phot = n_phot
+        return {"schema": schema, "frame_ids": pa.array(source.frame_ids, pa.string()), "n_phot": n_phot}
+
+    def __init__(self, stream, layout: dict):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.pa = pa
+        self.schema = layout["schema"]
+        self.frame_ids = layout["frame_ids"]
+        self.n_phot = layout["n_phot"]
         self.rows = 0
         self.writer = pq.ParquetWriter(stream, self.schema)
 
@@ -674,6 +700,7 @@ def write_light_curves(
     format = light_curve_format(output, format)
     source = open_light_curves(store, raw, sources, sources_path)
     writer_class = _WRITERS[format]
+    layout = writer_class.prepare(source)
     suffix = _SUFFIX[format]
     if per_star is not None:
         per_star = Path(os.path.abspath(os.fspath(per_star)))
@@ -683,7 +710,7 @@ def write_light_curves(
         writer = None
         if output is not None:
             output = Path(os.path.abspath(os.fspath(output)))
-            writer = writer_class(stack.enter_context(atomic_stream(output)), source)
+            writer = writer_class(stack.enter_context(atomic_stream(output)), layout)
         if scratch is None:
             scratch = per_star if output is None else output.parent
             Path(scratch).mkdir(parents=True, exist_ok=True)
@@ -694,7 +721,7 @@ def write_light_curves(
                 stars += 1
                 if per_star is not None:
                     with atomic_stream(per_star / f"{source_id}{suffix}") as stream:
-                        star_writer = writer_class(stream, source)
+                        star_writer = writer_class(stream, layout)
                         star_writer.write(rows_of_star)
                         star_writer.close()
             rows += block["time"].size
