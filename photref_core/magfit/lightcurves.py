@@ -260,7 +260,8 @@ def open_light_curves(store, raw: bool = False, sources=None, sources_path=None)
 # What one (frame, source) pair of a block costs at the peak of its processing, in bytes per photometry
 # and fixed: the values and errors (and the fitted ones for the flags of a raw export), the rejection's
 # sorted copy, the flags, the rows made of them. Measured with bench/lightcurves.py (400 frames x 20,000
-# stars x 3): a budget of one float64 array per block grew the peak RSS by 18x that budget.
+# stars x 3): a budget counted as one float64 array grew the peak RSS by 18x that budget; counted with
+# these figures, a 64 MiB budget grows it by ~134 MiB (the writer's records and buffers on top).
 _BYTES_PER_VALUE = 56
 _BYTES_PER_PAIR = 48
 
@@ -314,24 +315,24 @@ def _source_major_copy(root, source: LightCurveSource, per_block: int, block_byt
     import zarr
 
     slots = np.sort(source.frame_slots)
-    n_src = int(root["mag"].shape[1])
+    n_sel = source.source_index.size
     n_phot = source.n_photometries
     arrays = _needed_arrays(source)
     # Frames a piece: its rows of every source (read, then put in id order: two copies) within the budget,
     # whole store frame chunks when the budget allows (a chunk is then decompressed once). The scratch
     # chunks are a piece by a block: the larger the budget, the fewer and larger the files.
-    piece = max(1, block_bytes // max(1, 2 * 8 * n_src * n_phot))
+    piece = max(1, block_bytes // max(1, 2 * 8 * n_sel * n_phot))
     chunk = root["mag"].chunks[0]
     if piece >= chunk:
         piece -= piece % chunk
-    piece = int(min(piece, slots.size))
+    piece = int(max(1, min(piece, slots.size)))
     scratch = zarr.open_group(str(directory), mode="w")
     copies = {}
     for name, where in arrays.items():
         vector = name != "measured"
         copies[name] = scratch.create_array(
             name,
-            shape=(slots.size, source.source_index.size, *((n_phot,) if vector else ())),
+            shape=(slots.size, n_sel, *((n_phot,) if vector else ())),
             chunks=(piece, per_block, *((n_phot,) if vector else ())),
             dtype=_store_array(root, where).dtype if vector else bool,
             fill_value=np.nan if vector else False,
