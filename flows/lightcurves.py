@@ -18,7 +18,7 @@ import os
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from photref_core.magfit.lightcurves import FLAG_BITS, light_curve_format, read_source_ids
+from photref_core.magfit.lightcurves import FLAG_BITS, light_curve_request, read_source_ids
 from photref_core.master.outofcore import DEFAULT_BLOCK_MIB
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
@@ -86,9 +86,7 @@ def export_light_curves(
         What was written (:func:`photref_core.magfit.lightcurves.write_light_curves`).
     """
     logger = get_run_logger()
-    if output is None and per_star is None:
-        raise ValueError("give an output file, a per-star directory, or both")
-    format = light_curve_format(output, format)
+    format = light_curve_request(output, per_star, format)
     store = store_url(store)
     output = None if output is None else os.path.abspath(output)
     per_star = None if per_star is None else os.path.abspath(per_star)

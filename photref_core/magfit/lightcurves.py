@@ -35,6 +35,7 @@ id order (:func:`light_curve_blocks`), and each block then reads exactly its own
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -47,6 +48,8 @@ from astropy.table import Table
 
 from .._atomic import atomic_stream
 from ..errors import BadInputError, StoreError
+from ..ingest.readers import valid_measurements
+from ..keys import file_key
 from ..master.outofcore import DEFAULT_BLOCK_BYTES
 from ..master.stats import RejectionParameters, kept_ranges
 from ..store.frames import frame_states
@@ -65,7 +68,7 @@ __all__ = [
     "LightCurveSource",
     "block_bytes_per_source",
     "light_curve_blocks",
-    "light_curve_format",
+    "light_curve_request",
     "light_curves",
     "open_light_curves",
     "read_light_curves",
@@ -107,20 +110,24 @@ class LightCurveSource:
 
     store: str
     raw: bool
-    data_group: str | None  # where mag/mag_err are read (None: the root's raw magnitudes)
     run_group: str | None  # the magnitude-fitting run the flags come from (None: no run)
     fitted_group: str | None  # its final iteration: what its final master was built from
     frame_slots: np.ndarray
     frame_ids: np.ndarray
     times: np.ndarray
-    frame_quarantined: np.ndarray  # per frame (in order): the final fit quarantined it
-    frame_used: np.ndarray  # per frame (in order): the final master was built from it
+    frame_quarantined: np.ndarray  # per frame (in order): the final fit quarantined it; the final master
+    # was built from every other one (all of them ingested)
     source_index: np.ndarray
     source_ids: np.ndarray
     in_master: np.ndarray | None  # (selected source, photometry), in source order
     rejection: RejectionParameters | None
     n_photometries: int
     dtype: np.dtype
+
+    @property
+    def data_group(self) -> str | None:
+        """Where ``mag``/``mag_err`` are read: the final iteration, or None (the root) for raw ones."""
+        return None if self.raw else self.fitted_group
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -205,7 +212,6 @@ def open_light_curves(store, raw: bool = False, sources=None, sources_path=None)
     slots = np.flatnonzero(states == INGESTED)
     slots = slots[np.argsort(times_all[slots], kind="stable")]  # NaN times last, then by slot
     quarantined = np.zeros(slots.size, bool)
-    used = np.ones(slots.size, bool)
     in_master = rejection = None
     all_ids = root["source_id"][:n_src]
     if sources is None:
@@ -231,7 +237,6 @@ def open_light_curves(store, raw: bool = False, sources=None, sources_path=None)
             )
         fitted = root[final["group"]]["fitted"][:n_frames]
         quarantined = ~fitted[slots]
-        used = fitted[slots]  # ingested (every slot here) and fitted: the master's frames
         in_master = load_group(url, final["fit"])["in_master"].values[index]
         attrs = root[final["statistics"]].attrs
         rejection = RejectionParameters(
@@ -240,14 +245,12 @@ def open_light_curves(store, raw: bool = False, sources=None, sources_path=None)
     return LightCurveSource(
         store=url,
         raw=raw,
-        data_group=None if raw else summary["final_group"],
         run_group=None if summary is None else summary["run_group"],
         fitted_group=None if summary is None else summary["final_group"],
         frame_slots=slots,
         frame_ids=np.array([str(name) for name in root["frame_id"][:n_frames][slots]], dtype=str),
         times=times_all[slots],
         frame_quarantined=quarantined,
-        frame_used=used,
         source_index=index,
         source_ids=all_ids[index].astype(np.uint64),
         in_master=in_master,
@@ -304,7 +307,9 @@ def _read_rows(root, where, slots: np.ndarray, index: np.ndarray, measured: bool
     return np.isfinite(values).any(axis=2) if measured else values
 
 
-def _source_major_copy(root, source: LightCurveSource, per_block: int, block_bytes: int, directory) -> dict:
+def _source_major_copy(
+    root, source: LightCurveSource, arrays: dict, per_block: int, block_bytes: int, directory
+):
     """The block's arrays copied into a scratch zarr store chunked a block of sources wide, the sources in
     id order (pass 1: every chunk of the store read once, a few frames at a time, all sources).
 
@@ -317,7 +322,6 @@ def _source_major_copy(root, source: LightCurveSource, per_block: int, block_byt
     slots = np.sort(source.frame_slots)
     n_sel = source.source_index.size
     n_phot = source.n_photometries
-    arrays = _needed_arrays(source)
     # Frames a piece: its rows of every source (read, then put in id order: two copies) within the budget,
     # whole store frame chunks when the budget allows (a chunk is then decompressed once). The scratch
     # chunks are a piece by a block: the larger the budget, the fewer and larger the files.
@@ -375,14 +379,15 @@ def light_curve_blocks(
     slots = np.sort(source.frame_slots)
     to_time = np.searchsorted(slots, source.frame_slots)  # slot order -> time order
     in_time_order = np.array_equal(to_time, np.arange(to_time.size))
+    arrays = _needed_arrays(source)
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".photref-lightcurves-") as directory:
         copies = None
         if n_sel > per_block:
-            copies = _source_major_copy(root, source, per_block, block_bytes, directory)
+            copies = _source_major_copy(root, source, arrays, per_block, block_bytes, directory)
         for start in range(0, n_sel, per_block):
             stop = min(start + per_block, n_sel)
             values = {}
-            for name, where in _needed_arrays(source).items():
+            for name, where in arrays.items():
                 if copies is None:
                     index = source.source_index[start:stop]
                     block = _read_rows(root, where, slots, index, name == "measured")
@@ -399,7 +404,7 @@ def _block_rows(source: LightCurveSource, values: dict, start: int, stop: int) -
     flag[source.frame_quarantined] |= FRAME_QUARANTINED
     if source.in_master is not None:
         flag |= np.where(source.in_master[start:stop], 0, NOT_IN_MASTER).astype(np.uint8)
-    used = source.frame_used
+    used = ~source.frame_quarantined  # the master's frames: ingested (every frame here) and fitted
     if source.rejection is not None and used.any():
         # The master was built from the final iteration's magnitudes and errors (raw exports too).
         fitted = values.get("fitted_mag", mag)
@@ -427,9 +432,8 @@ def _outliers(mag: np.ndarray, mag_err: np.ndarray, rejection: RejectionParamete
     low, high = kept_ranges(mag, mag_err, rejection)
     values = np.asarray(mag, np.float64)
     with np.errstate(invalid="ignore"):
-        usable = np.isfinite(values) & np.isfinite(mag_err) & (mag_err > 0)
         kept = (values >= low[None]) & (values <= high[None])
-    return np.where(usable & ~kept, OUTLIER, 0).astype(np.uint8)
+    return np.where(valid_measurements(mag, mag_err) & ~kept, OUTLIER, 0).astype(np.uint8)
 
 
 def _empty_block(source: LightCurveSource) -> dict:
@@ -623,15 +627,18 @@ class _ParquetWriter:
 _WRITERS = {"fits": _FitsWriter, "parquet": _ParquetWriter}
 
 
-def light_curve_format(output, format: str | None = None) -> str:
-    """The output format: ``format`` when given, else from the file name (``.parquet``/``.pq``: parquet,
-    anything else: FITS).
+def light_curve_request(output, per_star, format: str | None = None) -> str:
+    """Check what an export is asked to write (before any work); return the output format: ``format``
+    when given, else from the file name (``.parquet``/``.pq``: parquet, anything else: FITS).
 
     Raises
     ------
     ValueError
-        For a format other than :data:`LIGHT_CURVE_FORMATS`.
+        When neither ``output`` nor ``per_star`` is given, or for a format other than
+        :data:`LIGHT_CURVE_FORMATS`.
     """
+    if output is None and per_star is None:
+        raise ValueError("give an output file, a per-star directory, or both")
     if format is None:
         suffix = Path(os.fspath(output)).suffix.lower() if output is not None else ""
         format = "parquet" if suffix in (".parquet", ".pq") else "fits"
@@ -668,7 +675,7 @@ def write_light_curves(
     output : str or os.PathLike, optional
         The file of all rows (written atomically).
     format : {'fits', 'parquet'}, optional
-        Default: from ``output``'s name (:func:`light_curve_format`).
+        Default: from ``output``'s name (:func:`light_curve_request`).
     per_star : str or os.PathLike, optional
         A directory: one file per star with rows, ``<source_id>.fits`` (or ``.parquet``), and
         ``lightcurves.json`` saying what was written.
@@ -692,13 +699,7 @@ def write_light_curves(
         (the identity of the output and of the per-star manifest, for :func:`products_intact
         <photref_core.master.steps.products_intact>`).
     """
-    import contextlib
-
-    from ..keys import file_key
-
-    if output is None and per_star is None:
-        raise ValueError("give an output file, a per-star directory, or both")
-    format = light_curve_format(output, format)
+    format = light_curve_request(output, per_star, format)
     source = open_light_curves(store, raw, sources, sources_path)
     writer_class = _WRITERS[format]
     layout = writer_class.prepare(source)
@@ -718,14 +719,15 @@ def write_light_curves(
         for block in light_curve_blocks(source, block_bytes, scratch):
             if writer is not None:
                 writer.write(block)
-            for source_id, rows_of_star in _split_by_star(block):
-                stars += 1
-                if per_star is not None:
+            ids = block["source_id"]
+            stars += int(np.count_nonzero(ids[1:] != ids[:-1])) + 1 if ids.size else 0
+            if per_star is not None:
+                for source_id, rows_of_star in _split_by_star(block):
                     with atomic_stream(per_star / f"{source_id}{suffix}") as stream:
                         star_writer = writer_class(stream, layout)
                         star_writer.write(rows_of_star)
                         star_writer.close()
-            rows += block["time"].size
+            rows += ids.size
         if writer is not None:
             writer.close()
     result = {

@@ -385,9 +385,7 @@ def kept_ranges(mag, mag_err, params: RejectionParameters | None = None) -> tupl
     nframes, nsources, nphot = mag.shape
     rows = np.empty((nphot, nsources, nframes))
     np.copyto(rows, mag.transpose(2, 1, 0), casting="same_kind")
-    errors = mag_err.transpose(2, 1, 0)
-    with np.errstate(invalid="ignore"):
-        missing = ~np.isfinite(rows) | ~np.isfinite(errors) | ~(errors > 0)
+    missing = _unusable(rows, False) | _unusable(mag_err.transpose(2, 1, 0), True)
     rows[missing] = np.nan
     rows = rows.reshape(nphot * nsources, nframes)
     rows.sort(axis=-1)
@@ -398,6 +396,16 @@ def kept_ranges(mag, mag_err, params: RejectionParameters | None = None) -> tupl
     low = np.where(some, rows[index, np.minimum(lo, nframes - 1)], np.nan)
     high = np.where(some, rows[index, np.maximum(hi - 1, 0)], np.nan)
     return low.reshape(nphot, nsources).T.copy(), high.reshape(nphot, nsources).T.copy()
+
+
+def _unusable(values: np.ndarray, positive: bool) -> np.ndarray:
+    """Where values cannot be used: not finite; with ``positive`` also <= 0 (mag_err, SPEC 1.1). A
+    measurement is missing when its mag or its mag_err is unusable."""
+    unusable = ~np.isfinite(values)
+    if positive:
+        with np.errstate(invalid="ignore"):
+            unusable |= ~(values > 0)
+    return unusable
 
 
 def _in_parallel(calls: list[Callable[[], object]], threads: int) -> list:
@@ -431,10 +439,7 @@ def _statistics_arrays(mag, mag_err, params: RejectionParameters, threads: int =
         where the values cannot be used (not finite; with ``positive`` also <= 0: mag_err, SPEC 1.1)."""
         rows = np.empty((nphot, nsources, nframes))
         np.copyto(rows, values.transpose(2, 1, 0), casting="same_kind")
-        unusable = ~np.isfinite(rows)
-        if positive:
-            with np.errstate(invalid="ignore"):
-                unusable |= ~(rows > 0)
+        unusable = _unusable(rows, positive)
         return rows.reshape(nphot * nsources, nframes), unusable.reshape(nphot * nsources, nframes)
 
     (m, missing), (e, missing_err) = _in_parallel(
