@@ -81,6 +81,7 @@ from .serialise import load_model, model_from_arrays, model_to_arrays, save_mode
 from .shape import ShapeModel
 from .shapefit import fit_shape
 from .solver import FitResult
+from .timemodel import build_time_model, fit_frames_with_transform
 
 __all__ = ["PRFModel"]
 
@@ -124,6 +125,7 @@ class PRFModel:
         self.source_mask = None
         self.uncontaminated_source_mask = None
         self.shape_data = None  # subsample of the last shape fit's data, for plots
+        self.time_model = None  # a TimeModel (:mod:`.timemodel`) when params.time_model
         self.diagnostics = {}
         self.frames = FrameModels(
             self.shape, self.ra, self.dec, params.sparse_dist_lim, wcs, self.image_shape
@@ -214,8 +216,12 @@ class PRFModel:
         mask=None,
         gain=1.0,
         rdnoise=0.0,
+        times=None,
     ):
         """Fit the shape model of a field on its frames (psfmachine's ``Machine`` + ``build_shape_model``).
+
+        With ``params.time_model`` the time model is built too (:mod:`.timemodel`): the build frames'
+        transforms and a shape rebuilt and re-centred at them, kept beside the static shape.
 
         Parameters
         ----------
@@ -236,6 +242,8 @@ class PRFModel:
             Bad pixels (nonzero = bad), same shape as ``flux`` or one (ny, nx) mask for all frames.
         gain, rdnoise : float
             For the default error image.
+        times : array_like, optional
+            (nframes,) frame times (e.g. JD): where the time model's fits of later frames start from.
 
         Returns
         -------
@@ -262,6 +270,10 @@ class PRFModel:
             np.full(ns, np.inf),
         )
         fit_shape(model, epochs)
+        if params.time_model:
+            model.time_model = build_time_model(
+                model, flux, err, mask, wcs_list, tm, times, model.diagnostics["shape_prior_mean"]
+            )
         return model
 
     # -- fit (:mod:`.fluxfit`) ----------------------------------------------------------------------------
@@ -276,8 +288,15 @@ class PRFModel:
         rdnoise=0.0,
         prior_mu=None,
         prior_sigma=None,
+        times=None,
+        time_model=None,
     ) -> FitResult:
         """Fluxes of every source in every frame of a batch (psfmachine's ``fit_model``), exactly per frame.
+
+        With the time model (:mod:`.timemodel`; by default whenever the model has one) each frame's
+        geometric transform is fitted with its fluxes, frames in the order given, each starting from the
+        previous frame's transform (the first from the build frames' transforms at its time), with the
+        re-centred shape; the result's ``transform`` holds them. ``time_model=False``: the static fit.
 
         Each frame is solved on its own (results do not depend on how frames are batched):
         ``(X^T C^-1 X + diag(1/sigma^2)) w = X^T C^-1 f + mu/sigma^2`` with ``X`` the normalised mean model on
@@ -307,11 +326,24 @@ class PRFModel:
             For the default error image.
         prior_mu, prior_sigma : array_like, optional
             Override the stored prior (per source, scalars broadcast; ``prior_sigma`` may be inf).
+        times : array_like, optional
+            (T,) frame times, for the time model's starting transform.
+        time_model : bool, optional
+            Use the time model (default: when the model has one). ``True`` without one is an error.
 
         Returns
         -------
         FitResult
         """
+        use_time = self.time_model is not None if time_model is None else bool(time_model)
+        if use_time:
+            if self.time_model is None:
+                raise ValueError("this PRF model has no time model (build it with params.time_model=True)")
+            if return_model:
+                raise ValueError("return_model is not available with the time model yet")
+            return fit_frames_with_transform(
+                self, flux, flux_err, mask, wcs, times, gain, rdnoise, prior_mu, prior_sigma
+            )
         return fit_frames(self, flux, flux_err, mask, wcs, return_model, gain, rdnoise, prior_mu, prior_sigma)
 
     # -- diagnostics (:mod:`.metrics`, :mod:`.plots`) -------------------------------------------------------

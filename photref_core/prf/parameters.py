@@ -111,6 +111,29 @@ class PRFParameters:
         :data:`FLAG_LOW_COVERAGE` (SPEC: half).
     psf_subsample : int
         Sub-pixel samples per axis for :meth:`PRFModel.get_psf_metrics`.
+    time_model : bool
+        Build the time model, part 1 (:mod:`photref_core.prf.timemodel`): per frame a geometric transform
+        of the source positions (drift, plate scale) fitted with the fluxes, and a shape rebuilt and
+        re-centred at the fitted positions. Off by default (SPEC 6).
+    transform : str
+        The time model's transform: ``shift`` (2 terms: a common shift), ``scale`` (3: shift and an
+        isotropic plate-scale change) or ``affine`` (6). A shift alone cannot follow a plate-scale change.
+    time_rounds : int
+        Re-centring rounds of the time model's shape at build time (3 sufficed in the measured recipe).
+    time_build_frames : int
+        Most frames (of ``time_mask``, evenly spread) the time model's shape is rebuilt on; bounds its
+        build time (every 2nd and every 4th frame of 40 measured the same).
+    time_iterations : int
+        Most Gauss-Newton steps of a frame's transform (each with a flux solve); it stops earlier once no
+        step moves no source by more than 1e-4 pixel.
+    time_core_radius : float or None
+        Radius (arcsec) of the pixels around each source whose position derivatives fit the transform
+        (the core carries the position information). ``None``: 0.3 x ``rmax`` (5.5 pixels at the SPEC
+        radii's sampling).
+    time_max_shift : float
+        Pixels. The time model's pixel set per source is every pixel within ``rmax`` plus this many
+        pixels, fixed for all frames (so the solve's pattern stays); one linearised step moves a source by at
+        most half of it. A drift not in the WCS larger than this is cut at the disc edge.
     """
 
     n_r_knots: int = 10
@@ -140,6 +163,13 @@ class PRFParameters:
     fit_background: bool = False
     min_good_fraction: float = 0.5
     psf_subsample: int = 5
+    time_model: bool = False
+    transform: str = "affine"
+    time_rounds: int = 3
+    time_build_frames: int = 10
+    time_iterations: int = 3
+    time_core_radius: float | None = None
+    time_max_shift: float = 2.0
 
     def __post_init__(self):
         self.validate()
@@ -167,6 +197,9 @@ class PRFParameters:
             ("clip_iterations", 0),
             ("psf_subsample", 1),
             ("refine_iterations", 0),
+            ("time_rounds", 0),
+            ("time_build_frames", 1),
+            ("time_iterations", 1),
         ):
             v = getattr(self, name)
             if not is_int(v) or v < lo:
@@ -182,6 +215,7 @@ class PRFParameters:
             "min_good_fraction",
             "refine_tol",
             "refine_max_step",
+            "time_max_shift",
         ):
             v = getattr(self, name)
             if not is_num(v) or not np.isfinite(v):
@@ -216,6 +250,7 @@ class PRFParameters:
             "clip_sigma",
             "refine_tol",
             "refine_max_step",
+            "time_max_shift",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PRF parameter {name} must be > 0, got {getattr(self, name)}")
@@ -240,6 +275,17 @@ class PRFParameters:
         b = self.bin_data
         if not (b is None or isinstance(b, bool | np.bool_) or (is_int(b) and (b == 0 or b >= 4))):
             raise ValueError(f"PRF parameter bin_data must be False, True or an integer >= 4, got {b!r}")
+        if not isinstance(self.time_model, bool | np.bool_):
+            raise ValueError(f"PRF parameter time_model must be a bool, got {self.time_model!r}")
+        if self.transform not in ("shift", "scale", "affine"):
+            raise ValueError(
+                f"PRF parameter transform must be 'shift', 'scale' or 'affine', got {self.transform!r}"
+            )
+        tc = self.time_core_radius
+        if tc is not None and (not is_num(tc) or not 0 < tc <= self.rmax):
+            raise ValueError(
+                f"PRF parameter time_core_radius must be None or in (0, rmax={self.rmax}] arcsec, got {tc!r}"
+            )
         if not isinstance(self.fit_background, bool | np.bool_):
             raise ValueError(f"PRF parameter fit_background must be a bool, got {self.fit_background!r}")
         if self.time_mask is not None:

@@ -13,6 +13,7 @@ from scipy import sparse
 from ..errors import BadInputError
 from .parameters import PRFParameters
 from .shape import ShapeModel
+from .timemodel import TimeModel
 
 __all__ = ["FORMAT_VERSION", "load_model", "model_from_arrays", "model_to_arrays", "save_model"]
 
@@ -49,6 +50,16 @@ def model_to_arrays(model) -> dict:
     if model.shape_data is not None:
         for k, v in model.shape_data.items():
             out[f"shape_data_{k}"] = v
+    tm = model.time_model
+    if tm is not None:
+        out.update(
+            time_kind=np.array(tm.kind),
+            time_shape_weights=tm.shape.weights,
+            time_shape_norm=np.array(tm.shape.norm),
+            time_times=np.asarray(tm.times, dtype=float),
+            time_transforms=np.asarray(tm.transforms, dtype=float),
+            time_diagnostics_json=np.array(json.dumps(tm.diagnostics)),
+        )
     return out
 
 
@@ -91,6 +102,17 @@ def model_from_arrays(cls, arrays):
             )
     if "shape_data_r" in a:
         m.shape_data = {k: a[f"shape_data_{k}"] for k in ("r", "phi", "y", "xi", "eta")}
+    if "time_kind" in a:
+        tsm = ShapeModel(params.n_r_knots, params.n_phi_knots, params.rmin, params.rmax, params.cut_r)
+        tsm.weights = a["time_shape_weights"].astype(float)
+        tsm.norm = float(a["time_shape_norm"])
+        m.time_model = TimeModel(
+            kind=str(a["time_kind"]),
+            shape=tsm,
+            times=a["time_times"].astype(float),
+            transforms=a["time_transforms"].astype(float).reshape(a["time_times"].size, -1),
+            diagnostics=json.loads(str(a["time_diagnostics_json"])),
+        )
     return m
 
 

@@ -202,8 +202,56 @@ class ShapeModel:
         out = np.full(r.shape, np.nan)
         inside = r <= self.rmax
         if inside.any():
-            out[inside] = slot_log_values(self.weight_table(), *self.slots(r[inside], phi[inside]))
+            # Each angular column's radial spline at r, then the 4 angular slots at phi (2x faster than
+            # the 16 slot products of slot_log_values, measured at 125k points).
+            ri = np.clip(r[inside], 0.0, self.rmax)
+            g = BSpline(self.r_knots, self.weight_table(), 3, extrapolate=False)(ri)
+            pc, pv = row_block(self.angular_design(phi[inside]), ri.size)
+            out[inside] = np.einsum("mk,mk->m", np.take_along_axis(g, pc, axis=1), pv)
         return out
+
+    def log_value_gradient(self, r, phi, chunk=200_000):
+        """``S(r, phi)`` and its partial derivatives ``dS/dr`` (per arcsec) and ``dS/dphi`` (per radian).
+
+        Analytic B-spline derivatives (the radial spline of each angular column, differentiated; the
+        periodic angular basis, differentiated), for the PRF's position derivatives (:mod:`.timemodel`).
+        Beyond ``rmax``: NaN value, zero derivatives.
+
+        Parameters
+        ----------
+        r, phi : array_like
+            Radius (arcsec) and angle (rad), same shape.
+        chunk : int
+            Points evaluated at once (memory: ``chunk x n_phi_knots`` floats a few times over).
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(S, dS/dr, dS/dphi)``, each shaped like ``r``.
+        """
+        r = np.asarray(r, dtype=float)
+        phi = np.broadcast_to(np.asarray(phi, dtype=float), r.shape)
+        shape = r.shape
+        r, phi = r.ravel(), phi.ravel()
+        s = np.full(r.size, np.nan)
+        ds_dr = np.zeros(r.size)
+        ds_dphi = np.zeros(r.size)
+        radial = BSpline(self.r_knots, self.weight_table(), 3, extrapolate=False)
+        d_radial = radial.derivative()
+        fold = np.zeros((self.n_phi_knots + 3, self.n_phi_knots))
+        fold[np.arange(self.n_phi_knots + 3), np.arange(self.n_phi_knots + 3) % self.n_phi_knots] = 1.0
+        angular = BSpline(self.phi_knots, fold, 3, extrapolate="periodic")
+        d_angular = angular.derivative()
+        inside = np.flatnonzero(r <= self.rmax)
+        for a in range(0, inside.size, chunk):
+            idx = inside[a : a + chunk]
+            ri, pi = r[idx], np.mod(phi[idx], 2 * np.pi)
+            g, dg = radial(ri), d_radial(ri)  # (m, n_phi_knots): each angular column's radial spline
+            pa, dpa = angular(pi), d_angular(pi)
+            s[idx] = np.einsum("mb,mb->m", pa, g)
+            ds_dr[idx] = np.einsum("mb,mb->m", pa, dg)
+            ds_dphi[idx] = np.einsum("mb,mb->m", dpa, g)
+        return s.reshape(shape), ds_dr.reshape(shape), ds_dphi.reshape(shape)
 
     def density(self, r, phi):
         """Normalised PRF surface density (per arcsec^2); 0 beyond ``rmax``.

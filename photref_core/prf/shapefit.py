@@ -48,6 +48,7 @@ def fit_shape(model, epochs) -> None:
     grev = np.array([np.mean(sm.r_knots[j + 1 : j + 4]) for j in range(sm.n_radial)])
     lp = np.interp(grev, prof_r, np.log10(prof_v))
     w_prior = np.concatenate([lp[: sm.n_cut], np.repeat(lp[sm.n_cut :], sm.n_phi_knots)])
+    model.diagnostics["shape_prior_mean"] = w_prior
     mu_fit = err_fit = None
     for it in range(p.shape_iterations):
         data = []

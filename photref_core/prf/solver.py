@@ -32,13 +32,23 @@ _SOLVE_CHUNK = 4_000_000  # float64 elements of one batch of group matrices (32 
 
 
 class SolvePlan:
-    """The structure of the flux fit for one mean_model (one WCS): groups, pair products."""
+    """The structure of the flux fit for one mean_model (one WCS): groups, pair products.
 
-    def __init__(self, X: sparse.csr_array):
+    Parameters
+    ----------
+    X : scipy.sparse.csr_array
+        (nsources x npixels) model.
+    keep_zeros : bool
+        Keep explicit zeros in the pattern (a model whose values move with the sources, :mod:`.timemodel`:
+        a pair outside ``rmax`` now may be inside next frame, and :meth:`refresh` needs one pattern).
+    """
+
+    def __init__(self, X: sparse.csr_array, keep_zeros: bool = False):
         ns, npix = X.shape
         self.nsrc, self.npix = ns, npix
         X = sparse.csr_array(X)
-        X.eliminate_zeros()
+        if not keep_zeros:
+            X.eliminate_zeros()
         self._pattern = (X.indptr.copy(), X.indices.copy())
         self.pix_u = np.unique(X.indices).astype(np.int64)
         nu = self.pix_u.size
@@ -223,6 +233,11 @@ class FitResult:
         (T,) fitted constant background and error (``fit_background``).
     model : numpy.ndarray or None
         (T, ny, nx) model image (``return_model=True``).
+    transform : numpy.ndarray or None
+        (T, nterms) each frame's fitted geometric transform (the time model, :mod:`.timemodel`), pixels;
+        ``None`` without a time model.
+    transform_terms : tuple of str or None
+        The names of the transform's terms (:data:`~.timemodel.TRANSFORM_TERMS`).
     """
 
     flux: np.ndarray
@@ -233,3 +248,5 @@ class FitResult:
     background: np.ndarray | None = None
     background_err: np.ndarray | None = None
     model: np.ndarray | None = None
+    transform: np.ndarray | None = None
+    transform_terms: tuple | None = None

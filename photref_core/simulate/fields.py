@@ -141,11 +141,11 @@ def load_frames(paths):
 
 
 def oracle_fit(sim, flux, err, mask):
-    """Fluxes fitted with the TRUE PRF at the TRUE positions (a field without jitter).
+    """Fluxes fitted with the TRUE PRF at the TRUE positions (a field without jitter; drift allowed).
 
     Per frame, weighted least squares of all sources at once on every good pixel (no prior): the
     best a PRF model can do on these frames. The fluxes are total fluxes (the true PRF integrates to 1
-    over the plane).
+    over the plane). On a drifting field each frame's design is built at that frame's true positions.
 
     Parameters
     ----------
@@ -164,11 +164,16 @@ def oracle_fit(sim, flux, err, mask):
         raise ValueError("oracle_fit needs a field without jitter (one set of true positions)")
     ns = int(np.sum(truth["frame_id"] == truth["frame_id"][0]))
     T, ny, nx = flux.shape
-    design = prf_design(
-        np.asarray(truth["x"][:ns]), np.asarray(truth["y"][:ns]), (ny, nx), sim["prf"]
-    ).tocsr()
+    x0, y0 = np.asarray(truth["x"][:ns]), np.asarray(truth["y"][:ns])
+    dx = np.asarray(truth["dx"]).reshape(T, ns) if "dx" in truth.colnames else np.zeros((T, ns))
+    dy = np.asarray(truth["dy"]).reshape(T, ns) if "dy" in truth.colnames else np.zeros((T, ns))
     out, out_err = np.full((T, ns), np.nan), np.full((T, ns), np.nan)
+    design = None
     for t in range(T):
+        if design is None or (
+            t > 0 and not (np.array_equal(dx[t], dx[t - 1]) and np.array_equal(dy[t], dy[t - 1]))
+        ):
+            design = prf_design(x0 + dx[t], y0 + dy[t], (ny, nx), sim["prf"]).tocsr()
         good = (~mask[t] & np.isfinite(flux[t]) & np.isfinite(err[t]) & (err[t] > 0)).ravel()
         A = design[np.flatnonzero(good)]
         w = 1.0 / err[t].ravel()[good] ** 2

@@ -16,7 +16,9 @@ needs to check the answer:
 Frames follow SPEC 1.3: a float32 primary image with the WCS, ``FRAMEID``, ``JD``, ``MJD-OBS``, ``GAIN``,
 ``RDNOISE`` in the header, an ``ERR`` image HDU (the true noise sigma, computed from the noiseless image)
 and a ``MASK`` HDU. The catalog is a FITS table (``source_id``, ``ra``, ``dec``, ``flux``: a noisy estimate
-of the mean flux) and the truth table has one row per (source, frame) with the true total flux.
+of the mean flux) and the truth table has one row per (source, frame) with the true total flux and, for a
+field that drifts (``drift``, ``scale_drift``), the true displacement ``dx``, ``dy`` (pixels) of the star from
+where the frame's WCS puts it.
 
 Units: ``pixscale`` in arcsec per pixel, ``fwhm`` (and every other PRF length) in pixels, fluxes in data
 units (ADU). :func:`prf_density` and :func:`encircled_energy` give the true PRF so that tests can compute
@@ -314,6 +316,9 @@ def simulate_images(
     n_bad_pixels=5,
     rotation=25.0,
     jitter=0.0,
+    drift=0.0,
+    scale_drift=0.0,
+    drift_angle=30.0,
     nsub=5,
     first_id=1_000_000_000_000,
     time0=2460000.5,
@@ -363,6 +368,15 @@ def simulate_images(
     jitter : float
         RMS pointing jitter in pixels; 0 keeps one WCS for every frame, otherwise each frame has its own
         ``CRPIX`` (and the stars move on the detector).
+    drift : float
+        Pointing drift not in the WCS (pixels over the campaign): every star moves by
+        ``drift * tau**2`` along ``drift_angle`` (degrees from +x), ``tau = t / (n_frames - 1)`` from 0 at
+        the first frame to 1 at the last (a slow drift that accelerates, like a spacecraft's).
+    scale_drift : float
+        Plate-scale change not in the WCS over the campaign (a fraction): star positions are scaled
+        about the frame centre by ``1 + scale_drift * tau`` (velocity aberration, focus).
+    drift_angle : float
+        Direction of ``drift``, degrees from +x.
     nsub : int
         Sub-pixel samples per axis for the pixel integration.
     first_id : int
@@ -423,12 +437,21 @@ def simulate_images(
 
     design = None
     paths = []
+    moving = drift != 0.0 or scale_drift != 0.0
+    centre = (size - 1) / 2.0
+    drift_dx = np.zeros((n_frames, n_stars))  # true position - the frame WCS's position (pixels)
+    drift_dy = np.zeros((n_frames, n_stars))
     for t in range(n_frames):
-        if jitter > 0 or design is None:
+        if jitter > 0 or moving or design is None:
             shift = tuple(rng.normal(0.0, jitter, 2)) if jitter > 0 else (0.0, 0.0)
             wcs_t = make_wcs(size, pixscale, ra, dec, rotation, crpix_shift=shift)
             xt, yt = wcs_t.all_world2pix(sra, sdec, 0)
-            design = prf_design(xt, yt, (size, size), prf, nsub=nsub)
+            if moving:
+                tau = t / (n_frames - 1) if n_frames > 1 else 0.0
+                ang = np.deg2rad(drift_angle)
+                drift_dx[t] = drift * tau**2 * np.cos(ang) + scale_drift * tau * (xt - centre)
+                drift_dy[t] = drift * tau**2 * np.sin(ang) + scale_drift * tau * (yt - centre)
+            design = prf_design(xt + drift_dx[t], yt + drift_dy[t], (size, size), prf, nsub=nsub)
         model = (design @ flux[t]).reshape(size, size)
         expected = np.maximum(model + sky, 0.0)
         data = rng.poisson(expected * gain) / gain - sky + rng.normal(0.0, rdnoise, model.shape)
@@ -467,6 +490,8 @@ def simulate_images(
             "mean_flux": np.tile(mean_flux, n_frames),
             "x": np.tile(x, n_frames),
             "y": np.tile(y, n_frames),
+            "dx": drift_dx.ravel(),
+            "dy": drift_dy.ravel(),
             "ra": np.tile(sra, n_frames),
             "dec": np.tile(sdec, n_frames),
             "pair_id": np.tile(pair_id, n_frames),
@@ -490,6 +515,9 @@ def simulate_images(
             "RDNOISE": rdnoise,
             "SKY": sky,
             "JITTER": jitter,
+            "DRIFT": drift,
+            "SCALEDRF": scale_drift,
+            "DRIFTANG": drift_angle,
         }
     )
     truth_path = outdir / "truth.fits"
