@@ -227,7 +227,18 @@ def _cmd_prf(args) -> int:
         "prior_sigma",
         "fit_background",
         "refine_iterations",
+        "time_model",
+        "transform",
+        "time_rounds",
+        "time_build_frames",
+        "time_iterations",
+        "time_core_radius",
+        "time_max_shift",
     )
+    if args.output_fluxes == "time" and not args.time_model:
+        from photref_core.errors import PhotrefError
+
+        raise PhotrefError("--output-fluxes time needs --time-model")
     params = _parameters(
         PRFParameters,
         frame_index=args.frame_index,
@@ -247,6 +258,7 @@ def _cmd_prf(args) -> int:
         as_photometry=args.as_photometry,
         zero_point=args.zero_point,
         plot=not args.no_plot,
+        output_fluxes=args.output_fluxes,
     )
     print(json.dumps(products, indent=2, default=str))
     return 0
@@ -382,6 +394,44 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=PRF_DEFAULTS["refine_iterations"],
         help="most iterations of the joint all-pixel shape refinement (0: off)",
+    )
+    tm = p.add_argument_group("time model (drift and plate scale; off by default)")
+    tm.add_argument(
+        "--time-model",
+        action="store_true",
+        help="fit each frame's transform of the source positions with its fluxes, the shape re-centred",
+    )
+    tm.add_argument(
+        "--transform",
+        choices=("shift", "scale", "affine"),
+        default=PRF_DEFAULTS["transform"],
+        help="the per-frame transform (default: %(default)s)",
+    )
+    tm.add_argument("--time-rounds", type=int, default=PRF_DEFAULTS["time_rounds"], help="re-centring rounds")
+    tm.add_argument(
+        "--time-build-frames",
+        type=int,
+        default=PRF_DEFAULTS["time_build_frames"],
+        help="most frames the time model's shape is rebuilt on",
+    )
+    tm.add_argument(
+        "--time-iterations",
+        type=int,
+        default=PRF_DEFAULTS["time_iterations"],
+        help="most Gauss-Newton steps of a frame's transform",
+    )
+    tm.add_argument("--time-core-radius", type=float, default=None, help="arcsec (default: 0.3 x rmax)")
+    tm.add_argument(
+        "--time-max-shift",
+        type=float,
+        default=PRF_DEFAULTS["time_max_shift"],
+        help="pixels: the margin of each source's pixel set (default: %(default)s)",
+    )
+    tm.add_argument(
+        "--output-fluxes",
+        choices=("time", "static"),
+        default=None,
+        help="with --time-model, the flux set --output writes (default: time; both are in the store)",
     )
     p.add_argument("--strict", action="store_true")
     p.add_argument("--no-plot", action="store_true")

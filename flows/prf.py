@@ -14,6 +14,7 @@ killed half-way redo nothing that was done.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from prefect import flow
 from prefect.futures import as_completed
@@ -52,6 +53,7 @@ def solve_prf(
     as_photometry: bool = False,
     zero_point: float = PSF_ZERO_POINT,
     lock_timeout: float | None = 0.0,
+    output_fluxes: Literal["time", "static"] | None = None,
 ) -> dict:
     """Ingest images, build the field's PRF shape model, fit every source's flux in every frame.
 
@@ -82,6 +84,10 @@ def solve_prf(
         Magnitude zero point of ``as_photometry``.
     lock_timeout : float or None
         Seconds to wait for another run on the same store (0: refuse at once; None: wait).
+    output_fluxes : {'time', 'static'}, optional
+        The flux set ``output`` and ``as_photometry`` take when ``params.time_model`` builds the time model
+        (both are in the store): the time model's (default) or the static model's. ``'time'`` without the
+        time model is an error.
 
     Returns
     -------
@@ -92,6 +98,8 @@ def solve_prf(
 
     # One spelling of every path (a relative store path would miss the cache of an absolute one).
     store, catalog, output = store_url(store), os.path.abspath(catalog), os.path.abspath(output)
+    if output_fluxes == "time" and not params.time_model:
+        raise ValueError("output_fluxes='time' needs the time model (params.time_model=True)")
     with store_run(store, timeout=lock_timeout):
         plan = plan_image_ingestion(store, expand_frame_paths(images), strict, frames_per_chunk)
         futures = [ingest_image_batch.submit(store, batch, strict) for batch in plan.batches]
@@ -107,9 +115,9 @@ def solve_prf(
         for future in as_completed(fits):
             progress.advance(future.result())
         progress.finish()
-        products = write_prf_products(store, model_group, flux_group, output, plot)
+        products = write_prf_products(store, model_group, flux_group, output, plot, output_fluxes)
         if as_photometry:
-            products["psf_photometry"] = add_psf_photometry(store, flux_group, zero_point)
+            products["psf_photometry"] = add_psf_photometry(store, flux_group, zero_point, output_fluxes)
 
     publish_prf_summary(store, output, plan, results, ingestion, products)
     return products | {"ingestion": ingestion}

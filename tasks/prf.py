@@ -91,21 +91,24 @@ def fit_frame_chunk(store: str, model_group: str, flux_group: str, slots: list[i
 
 
 @task(name="prf-products", task_run_name="write {output}", cache_policy=NO_CACHE, **IO_RETRY)
-def write_prf_products(store: str, model_group: str, flux_group: str, output: str, plot: bool) -> dict:
-    """The long-format flux table, the shape-model plot and the PSF metrics."""
+def write_prf_products(
+    store: str, model_group: str, flux_group: str, output: str, plot: bool, fluxes: str | None = None
+) -> dict:
+    """The long-format flux table (the flux set ``fluxes``), the shape-model plot and the PSF metrics."""
     import numpy as np
 
-    table_path = steps.write_flux_table(store, flux_group, output, model_group)
+    table_path = steps.write_flux_table(store, flux_group, output, model_group, fluxes)
     model = steps.load_prf_model(store, model_group)
     metrics = model.get_psf_metrics()
     plot_path = None
     if plot:
         plot_path = os.path.splitext(table_path)[0] + "_prf.png"
         model.plot_shape_model(plot_path)
-    table = steps.flux_table(store, flux_group)
+    table = steps.flux_table(store, flux_group, fluxes)
     fraction = np.asarray(metrics.source_psf_fraction)
-    return {
+    products = {
         "fluxes": table_path,
+        "flux_set": table.meta["FLUXSET"],
         "plot": plot_path,
         "model_group": model_group,
         "flux_group": flux_group,
@@ -114,11 +117,17 @@ def write_prf_products(store: str, model_group: str, flux_group: str, output: st
         "flagged": int((np.asarray(table["flag"]) != 0).sum()),
         "median_source_psf_fraction": float(np.nanmedian(fraction)) if fraction.size else float("nan"),
     }
+    frames = steps.frame_table(store, flux_group)
+    if frames is not None:
+        terms = [c for c in frames.colnames if c not in ("frame_id", "time")]
+        span = {t: float(np.nanmax(frames[t]) - np.nanmin(frames[t])) if len(frames) else 0.0 for t in terms}
+        products["time_model"] = {"transform": frames.meta["TRANSFRM"], "range_px": span}
+    return products
 
 
 @task(
     name="add-psf-photometry", task_run_name="psf photometry into {store}", cache_policy=NO_CACHE, **IO_RETRY
 )
-def add_psf_photometry(store: str, flux_group: str, zero_point: float) -> dict:
+def add_psf_photometry(store: str, flux_group: str, zero_point: float, fluxes: str | None = None) -> dict:
     """PRF fluxes as magnitudes, added to the photometry store as one more photometry (idempotent)."""
-    return steps.add_psf_photometry(store, flux_group, zero_point=zero_point)
+    return steps.add_psf_photometry(store, flux_group, zero_point=zero_point, fluxes=fluxes)

@@ -2,7 +2,9 @@
 
 Results sit beside the images (layout: :mod:`photref_core.store.schema`): ``prf/model-<key>`` (the shape
 model's arrays) and ``prf/fluxes-<key>`` (flux, flux_err, flag per frame and source; one writer per frame
-chunk).
+chunk). A model with a time model (:mod:`.timemodel`) fills both flux sets of :data:`FLUX_SETS` (the static
+model's and the time model's) and each frame's ``transform`` (frame x term, pixels; the terms in the
+array's ``terms`` attribute).
 """
 
 from __future__ import annotations
@@ -22,18 +24,27 @@ from ..ingest.images import GROUP, ingested_frames, load_images, open_image_grou
 from ..store.schema import open_group, open_store, store_exists
 from .model import PRFModel
 from .parameters import PSF_ZERO_POINT, PRFParameters
+from .timemodel import TRANSFORM_TERMS
 
 __all__ = [
+    "FLUX_SETS",
     "add_psf_photometry",
     "build_prf_model",
     "create_flux_arrays",
     "fit_frame_chunk",
+    "flux_set",
     "flux_table",
     "frame_chunks",
+    "frame_table",
     "load_prf_model",
     "prf_model_key",
     "write_flux_table",
 ]
+
+
+#: The flux sets of a flux group, by name: their (flux, flux_err, flag) arrays. ``static``: the mean shape
+#: at the WCS positions (what a run without a time model gives); ``time``: the time model's.
+FLUX_SETS = {"static": ("flux", "flux_err", "flag"), "time": ("flux_time", "flux_err_time", "flag_time")}
 
 
 def build_prf_model(store, catalog_path, params: PRFParameters, key: str) -> str:
@@ -47,6 +58,7 @@ def build_prf_model(store, catalog_path, params: PRFParameters, key: str) -> str
         if column not in catalog.colnames:
             raise BadInputError(catalog_path, f"catalog has no '{column}' column (needed for PRF solving)")
     cube, wcs = load_images(group, slots)
+    times = np.asarray(group["time"].get_orthogonal_selection((slots,)), dtype=float)
     model = PRFModel.build(
         cube["flux"],
         cube["flux_err"],
@@ -57,6 +69,7 @@ def build_prf_model(store, catalog_path, params: PRFParameters, key: str) -> str
         source_ids=np.asarray(catalog["source_id"]).astype(np.int64),
         params=params,
         mask=cube["mask"],
+        times=times,
     )
     name = f"model-{key}"
     if name in group:
@@ -83,7 +96,8 @@ def load_prf_model(store, model_group: str) -> PRFModel:
 
 
 def create_flux_arrays(store, model_group: str, key: str) -> str:
-    """Create ``prf/fluxes-<key>`` at full size (frames x sources) before the fit fan-out."""
+    """Create ``prf/fluxes-<key>`` at full size (frames x sources) before the fit fan-out: the static flux
+    set, and with a time model its flux set and the per-frame ``transform``."""
     group = open_image_group(store, "r+")
     model = open_group(store, path=model_group, mode="r")
     source_ids = np.asarray(model["source_id"][...])
@@ -92,15 +106,31 @@ def create_flux_arrays(store, model_group: str, key: str) -> str:
     if name in group:  # same model and same frames: keep the rows already fitted
         return f"{GROUP}/{name}"
     out = group.create_group(name)
-    for var, dtype, fill in (("flux", "f8", np.nan), ("flux_err", "f8", np.nan), ("flag", "i4", 0)):
-        out.create_array(
-            var,
-            shape=(n_frames, source_ids.size),
-            chunks=(fpc, max(source_ids.size, 1)),
-            dtype=dtype,
-            fill_value=fill,
-            dimension_names=["frame", "source"],
+    time_kind = model.attrs["scalars"].get("time_kind")
+    sets = ("static", "time") if time_kind else ("static",)
+    for names in (FLUX_SETS[s] for s in sets):
+        for var, dtype, fill in zip(names, ("f8", "f8", "i4"), (np.nan, np.nan, 0), strict=True):
+            out.create_array(
+                var,
+                shape=(n_frames, source_ids.size),
+                chunks=(fpc, max(source_ids.size, 1)),
+                dtype=dtype,
+                fill_value=fill,
+                dimension_names=["frame", "source"],
+            )
+    if time_kind:
+        terms = list(TRANSFORM_TERMS[time_kind])
+        arr = out.create_array(
+            "transform",
+            shape=(n_frames, len(terms)),
+            chunks=(fpc, len(terms)),
+            dtype="f8",
+            fill_value=np.nan,
+            dimension_names=["frame", "term"],
         )
+        arr.attrs["terms"] = terms
+        arr.attrs["units"] = "pixel"
+        out.attrs["time_model"] = time_kind
     out.create_array("source_id", shape=source_ids.shape, dtype="i8", dimension_names=["source"])[:] = (
         source_ids
     )
@@ -119,54 +149,123 @@ def frame_chunks(store) -> list[list[int]]:
 
 
 def fit_frame_chunk(store, model_group: str, flux_group: str, slots: list[int]) -> int:
-    """Fit every source's flux in the frames ``slots`` (one frame chunk) and write their rows."""
+    """Fit every source's flux in the frames ``slots`` (one frame chunk) and write their rows (both flux
+    sets and the transforms when the model has a time model)."""
     group = open_image_group(store)
     model = load_prf_model(store, model_group)
+    slots = sorted(int(s) for s in slots)  # time order within a chunk: each frame starts from the last
     cube, wcs = load_images(group, np.asarray(slots))
-    result = model.fit(cube["flux"], cube["flux_err"], mask=cube["mask"], wcs=wcs)
+    frames = (cube["flux"], cube["flux_err"])
+    results = {"static": model.fit(*frames, mask=cube["mask"], wcs=wcs, time_model=False)}
+    if model.time_model is not None:
+        times = np.asarray(group["time"].get_orthogonal_selection((np.asarray(slots),)), dtype=float)
+        order = np.argsort(times, kind="stable")
+        result = model.fit(
+            *(f[order] for f in frames),
+            mask=cube["mask"][order],
+            wcs=[wcs[i] for i in order],
+            times=times[order],
+        )
+        back = np.argsort(order)
+        result.flux, result.flux_err, result.flag = (
+            result.flux[back],
+            result.flux_err[back],
+            result.flag[back],
+        )
+        result.transform = result.transform[back]
+        results["time"] = result
     out = open_group(store, path=flux_group, mode="r+")
     lo, hi = min(slots), max(slots) + 1
-    block = {n: out[n][lo:hi] for n in ("flux", "flux_err", "flag")}
     rows = np.asarray(slots) - lo
-    block["flux"][rows], block["flux_err"][rows], block["flag"][rows] = (
-        result.flux,
-        result.flux_err,
-        result.flag,
-    )
-    for n, v in block.items():
-        out[n][lo:hi] = v
+    for which, result in results.items():
+        for name, values in zip(FLUX_SETS[which], (result.flux, result.flux_err, result.flag), strict=True):
+            block = out[name][lo:hi]
+            block[rows] = values
+            out[name][lo:hi] = block
+    if "time" in results:
+        block = out["transform"][lo:hi]
+        block[rows] = results["time"].transform
+        out["transform"][lo:hi] = block
     return len(slots)
 
 
-def flux_table(store, flux_group: str) -> Table:
-    """Long-format fluxes of the ingested frames: one row per (frame, source), SPEC 6 output columns."""
+def flux_set(store, flux_group: str, fluxes: str | None = None) -> str:
+    """The flux set to read: ``fluxes`` if given (checked), else ``time`` where the group has a time
+    model's fluxes, ``static`` otherwise."""
+    out = open_group(store, path=flux_group, mode="r")
+    has_time = "time_model" in out.attrs
+    if fluxes is None:
+        return "time" if has_time else "static"
+    if fluxes not in FLUX_SETS:
+        raise ValueError(f"fluxes must be one of {sorted(FLUX_SETS)}, got {fluxes!r}")
+    if fluxes == "time" and not has_time:
+        raise StoreError(
+            f"{os.fspath(store)}: {flux_group} has no time-model fluxes (run with the time model)"
+        )
+    return fluxes
+
+
+def flux_table(store, flux_group: str, fluxes: str | None = None) -> Table:
+    """Long-format fluxes of the ingested frames: one row per (frame, source), SPEC 6 output columns, from
+    the flux set ``fluxes`` (:func:`flux_set`; its name in ``meta['FLUXSET']``)."""
+    which = flux_set(store, flux_group, fluxes)
     group = open_image_group(store)
     out = open_group(store, path=flux_group, mode="r")
     slots = ingested_frames(store)
     ids = np.asarray(out["source_id"][...])
     frame_ids = group["frame_id"][:]
-    flux = out["flux"].get_orthogonal_selection((slots, slice(None)))
-    err = out["flux_err"].get_orthogonal_selection((slots, slice(None)))
-    flag = out["flag"].get_orthogonal_selection((slots, slice(None)))
+    flux, err, flag = (out[n].get_orthogonal_selection((slots, slice(None))) for n in FLUX_SETS[which])
     table = Table()
     table["frame_id"] = np.repeat(np.asarray([str(frame_ids[s]) for s in slots]), ids.size)
     table["source_id"] = np.tile(ids, slots.size).astype(np.int64)
     table["flux"] = flux.ravel().astype(np.float64)
     table["flux_err"] = err.ravel().astype(np.float64)
     table["flag"] = flag.ravel().astype(np.int32)
+    table.meta["FLUXSET"] = which
     return table
 
 
-def write_flux_table(store, flux_group: str, output, model_group: str | None = None) -> str:
-    """Write the long-format flux FITS table atomically (fsync'd temporary name, then rename)."""
-    table = flux_table(store, flux_group)
+def frame_table(store, flux_group: str) -> Table | None:
+    """Per ingested frame: ``frame_id``, ``time`` and the time model's transform terms (pixels); ``None``
+    when the flux group has no time model."""
+    out = open_group(store, path=flux_group, mode="r")
+    if "time_model" not in out.attrs:
+        return None
+    group = open_image_group(store)
+    slots = ingested_frames(store)
+    transform = out["transform"].get_orthogonal_selection((slots, slice(None)))
+    table = Table()
+    table["frame_id"] = [str(f) for f in group["frame_id"].get_orthogonal_selection((slots,))]
+    table["time"] = np.asarray(group["time"].get_orthogonal_selection((slots,)), dtype=np.float64)
+    for k, term in enumerate(out["transform"].attrs["terms"]):
+        table[term] = transform[:, k]
+        table[term].unit = "pix"
+    table.meta["TRANSFRM"] = out.attrs["time_model"]
+    return table
+
+
+def write_flux_table(
+    store, flux_group: str, output, model_group: str | None = None, fluxes: str | None = None
+) -> str:
+    """Write the long-format flux FITS table atomically (fsync'd temporary name, then rename): HDU
+    ``FLUXES`` from the flux set ``fluxes`` (:func:`flux_set`; the primary header's ``FLUXSET`` says which)
+    and, with a time model, HDU ``FRAMES`` (:func:`frame_table`)."""
+    table = flux_table(store, flux_group, fluxes)
     hdu = fits.table_to_hdu(table)
     hdu.name = "FLUXES"
     primary = fits.PrimaryHDU()
     primary.header["STORE"] = os.fspath(store)
     if model_group:
         primary.header["PRFMODEL"] = model_group
-    return str(atomic_writeto(fits.HDUList([primary, hdu]), output))
+    primary.header["FLUXSET"] = (table.meta["FLUXSET"], "fluxes of the 'static' or the 'time' model")
+    hdus = [primary, hdu]
+    frames = frame_table(store, flux_group)
+    if frames is not None:
+        primary.header["TRANSFRM"] = (frames.meta["TRANSFRM"], "time model: per-frame transform (FRAMES)")
+        frame_hdu = fits.table_to_hdu(frames)
+        frame_hdu.name = "FRAMES"
+        hdus.append(frame_hdu)
+    return str(atomic_writeto(fits.HDUList(hdus), output))
 
 
 def prf_model_key(store, params: PRFParameters, catalog_path) -> str:
@@ -175,22 +274,24 @@ def prf_model_key(store, params: PRFParameters, catalog_path) -> str:
     return keys.prf_model_key(version, params, catalog_path)
 
 
-def add_psf_photometry(store, flux_group: str, zero_point: float = PSF_ZERO_POINT, name: str = "psf") -> dict:
+def add_psf_photometry(
+    store, flux_group: str, zero_point: float = PSF_ZERO_POINT, name: str = "psf", fluxes: str | None = None
+) -> dict:
     """Add the PRF fluxes to the field's photometry store as one more photometry (SPEC 6).
 
     mag = zero_point - 2.5 log10(flux), mag_err = 2.5 / ln(10) x flux_err / flux; fluxes that are not
     positive or are flagged give NaN (missing). Adding the same flux group twice changes nothing; a new
-    PRF run replaces the photometry ``name`` in place.
+    PRF run replaces the photometry ``name`` in place. ``fluxes``: the flux set (:func:`flux_set`).
     """
     url = os.fspath(store)
-    if store_exists(url) and open_store(url).attrs.get("photometry_origin", {}).get(name) == flux_group:
+    which = flux_set(store, flux_group, fluxes)
+    origin_name = flux_group if which == "static" else f"{flux_group}#{which}"
+    if store_exists(url) and open_store(url).attrs.get("photometry_origin", {}).get(name) == origin_name:
         return {"photometry": open_store(url).attrs["photometry_names"].index(name), "unchanged": True}
     group = open_image_group(store)
     out = open_group(url, path=flux_group, mode="r")
     slots = ingested_frames(store)
-    flux = out["flux"].get_orthogonal_selection((slots, slice(None)))
-    err = out["flux_err"].get_orthogonal_selection((slots, slice(None)))
-    flag = out["flag"].get_orthogonal_selection((slots, slice(None)))
+    flux, err, flag = (out[n].get_orthogonal_selection((slots, slice(None))) for n in FLUX_SETS[which])
     with np.errstate(divide="ignore", invalid="ignore"):
         good = (flux > 0) & np.isfinite(err) & (err > 0) & (flag == 0)
         mag = np.where(good, zero_point - 2.5 * np.log10(flux), np.nan)
@@ -207,6 +308,6 @@ def add_psf_photometry(store, flux_group: str, zero_point: float = PSF_ZERO_POIN
     )
     root = open_group(url, mode="r+")
     origin = dict(root.attrs.get("photometry_origin", {}))
-    origin[name] = flux_group
+    origin[name] = origin_name
     root.attrs["photometry_origin"] = origin
     return result

@@ -218,3 +218,68 @@ def test_add_photometry_to_an_existing_store(small_field, tmp_path):
     np.testing.assert_array_equal(group["mag"][:5, :10, 3], values[:5, :10] + 1)
     np.testing.assert_array_equal(group["mag"][:5, :, :3], before)
     assert np.isnan(group["mag"][20:, :, 3]).all() and np.isfinite(group["mag"][20:, :, :3]).any()
+
+
+def test_time_model_through_the_command(prefect_server, tmp_path, monkeypatch, capsys):
+    """``photref prf --time-model`` on a drifting field: both flux sets and the transforms in the store,
+    equal to the core's fit of the stored model; ``--output`` writes the set asked for, saying which."""
+    from flows.cli import main
+    from photref_core.prf.steps import load_prf_model
+    from photref_core.simulate.fields import load_frames, simulate_field
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    sim = simulate_field(tmp_path / "field", "kepler", seed=4, n_frames=8, n_stars=40, size=64, drift=0.4)
+    store, output = tmp_path / "s.zarr", tmp_path / "fluxes.fits"
+    radii = [f"--{k.replace('_', '-')}={v}" for k, v in sim["prf_params"].items()]
+    command = ["prf", str(store), str(Path(sim["paths"][0]).parent / "*.fits"), "--catalog", sim["catalog"]]
+    command += ["--output", str(output), "--no-plot", "--time-model", "--transform", "scale", *radii]
+    command += ["--time-build-frames", "4", "--time-rounds", "2"]
+    assert main(command) == 0
+    with fits.open(output) as h:
+        assert h[0].header["FLUXSET"] == "time" and h[0].header["TRANSFRM"] == "scale"
+        fluxes, frames = Table(h["FLUXES"].data), Table(h["FRAMES"].data)
+    assert frames.colnames == ["frame_id", "time", "dx", "dy", "scale"]
+    assert len(frames) == 8 and np.all(np.isfinite(frames["dx"]))
+
+    import xarray as xr
+
+    flux_group = f"prf/fluxes-{products_key(store)}"
+    ds = xr.open_zarr(str(store), group=flux_group, consolidated=False)
+    assert {"flux", "flux_time", "transform"} <= set(ds.data_vars)
+    model = load_prf_model(str(store), ds.attrs["model_group"])
+    assert model.time_model is not None and model.time_model.kind == "scale"
+    flux, err, mask, wcs = load_frames(sim["paths"])  # in time order, as the store's slots
+    jd = np.array([fits.getheader(p)["JD"] for p in sim["paths"]])
+    direct = model.fit(flux, err, mask, wcs, times=jd)
+    static = model.fit(flux, err, mask, wcs, time_model=False)
+    slot = {
+        str(f): k
+        for k, f in enumerate(xr.open_zarr(str(store), group="prf", consolidated=False).frame_id.values)
+    }
+    rows = [slot[fits.getheader(p)["FRAMEID"]] for p in sim["paths"]]
+    np.testing.assert_allclose(ds["flux_time"].values[rows], direct.flux, rtol=1e-9)
+    np.testing.assert_allclose(ds["transform"].values[rows], direct.transform, atol=1e-12)
+    np.testing.assert_allclose(ds["flux"].values[rows], static.flux, rtol=1e-9)
+    first = fluxes[fluxes["frame_id"] == fits.getheader(sim["paths"][0])["FRAMEID"]]
+    np.testing.assert_allclose(first["flux"], direct.flux[0], rtol=1e-9)
+
+    # The static set from the same (cached) run; --output-fluxes time without the model is refused.
+    assert main(command + ["--output-fluxes", "static"]) == 0
+    with fits.open(output) as h:
+        assert h[0].header["FLUXSET"] == "static"
+        np.testing.assert_allclose(Table(h["FLUXES"].data)["flux"][: len(first)], static.flux[0], rtol=1e-9)
+    capsys.readouterr()
+    plain = [c for c in command if c != "--time-model"]
+    assert main(plain + ["--output-fluxes", "time"]) == 2
+    assert "--output-fluxes time needs --time-model" in capsys.readouterr().err
+
+
+def products_key(store) -> str:
+    """The key of the one flux group of a store's PRF runs."""
+    import zarr
+
+    names = [
+        n for n in zarr.open_group(str(store), path="prf", mode="r").group_keys() if n.startswith("fluxes-")
+    ]
+    assert len(names) == 1
+    return names[0].removeprefix("fluxes-")
