@@ -91,7 +91,7 @@ def read_fluxes(path, frame_ids, source_ids):
     """The long-format output table as (frames, sources) flux and error arrays."""
     from astropy.table import Table
 
-    t = Table.read(path)
+    t = Table.read(path, hdu="FLUXES")
     fi = {f: i for i, f in enumerate(frame_ids)}
     si = {int(s): i for i, s in enumerate(source_ids)}
     flux = np.full((len(frame_ids), len(source_ids)), np.nan)

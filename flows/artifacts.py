@@ -115,9 +115,15 @@ def publish_prf_summary(store: str, output, plan, results, ingestion: dict, prod
         f"{len(quarantined)} quarantined now)",
         f"* sources: {products['n_sources']}; flagged (frame, source) values: {products['flagged']}",
         f"* median fraction of a source's PRF on the frame: {products['median_source_psf_fraction']:.4f}",
-        f"* fluxes: `{products['fluxes']}`",
+        f"* fluxes: `{products['fluxes']}` ({products.get('flux_set', 'static')} model)",
         *[f"* quarantined: `{p}`: {reason}" for p, reason in quarantined],
     ]
+    if products.get("time_model"):
+        tm = products["time_model"]
+        ranges = ", ".join(f"{term} {span:.4f}" for term, span in tm["range_px"].items())
+        lines.insert(
+            5, f"* time model: `{tm['transform']}` transform per frame; range over the frames (px): {ranges}"
+        )
     if products["plot"]:
         lines += ["", image_markdown(products["plot"])]
     create_markdown_artifact("\n".join(lines), key="prf-summary", description=f"PRF photometry {output}")

@@ -30,7 +30,7 @@ import typing
 
 from photref_core.master.outofcore import DEFAULT_BLOCK_MIB
 from photref_core.master.parameters import MasterParameters
-from photref_core.prf.parameters import PRF_DEFAULTS, PSF_ZERO_POINT
+from photref_core.prf.parameters import PRF_DEFAULTS, PSF_ZERO_POINT, TRANSFORM_TERMS
 
 
 def _runner_options(parser: argparse.ArgumentParser) -> None:
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tm.add_argument(
         "--transform",
-        choices=("shift", "scale", "affine"),
+        choices=tuple(TRANSFORM_TERMS),
         default=PRF_DEFAULTS["transform"],
         help="the per-frame transform (default: %(default)s)",
     )

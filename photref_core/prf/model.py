@@ -50,7 +50,10 @@ What it does
    eliminated exactly with a Schur complement, so groups stay independent.
 
 Decisions where SPEC 6 is silent are documented on :class:`PRFParameters` and :meth:`PRFModel.fit`.
-No time model (psfmachine's perturbation model) is built: :meth:`PRFModel.get_psf_metrics` says so.
+6. **Time model, part 1** (``params.time_model``, :mod:`.timemodel`): per frame a geometric transform of
+   the source positions (drift, plate scale) fitted with the fluxes, and a shape rebuilt and re-centred at
+   the fitted positions. Part 2 (psfmachine's perturbation model of PRF shape changes) is not built yet, so
+   :meth:`PRFModel.get_psf_metrics`' perturbed metrics are ``None``.
 
 :class:`PRFModel` is the face; the work lives in modules cut along its jobs: :mod:`.parameters`,
 :mod:`.inputs` (checks, reference images), :mod:`.geometry`, :mod:`.cache` (geometry, mean model and solve
@@ -357,7 +360,8 @@ class PRFModel:
         removes the pixelisation of the disc edge that a plain row sum of ``mean_model`` (pixel centres
         inside the disc) has, so a star fully on the frame gets 1 to ~1e-4; the PRF itself is already
         pixel-integrated, so it is not sub-sampled again (that would blur the frame edge by a pixel). No
-        time model is built, so ``perturbed_ratio_mean`` and ``perturbed_std`` are ``None``.
+        perturbation model (the time model's part 2) is built, so ``perturbed_ratio_mean`` and
+        ``perturbed_std`` are ``None``.
 
         Parameters
         ----------

@@ -11,10 +11,21 @@ __all__ = [
     "PRF_DEFAULTS",
     "PSF_ZERO_POINT",
     "PRFParameters",
+    "TRANSFORM_TERMS",
 ]
 
 PSF_ZERO_POINT = 25.0
 """Default zero point of the PSF magnitudes added to the store (``mag = ZP - 2.5 log10 flux``)."""
+
+
+#: The time model's transforms (``transform``) and their terms, in pixels: ``dx``, ``dy`` the common shift;
+#: ``scale`` the isotropic change (pixels at a half-width from the frame centre); ``dxdu`` ... the affine
+#: terms (``d shift_x / d u`` ..., ``u``, ``v`` the position from the centre in half-widths).
+TRANSFORM_TERMS = {
+    "shift": ("dx", "dy"),
+    "scale": ("dx", "dy", "scale"),
+    "affine": ("dx", "dy", "dxdu", "dxdv", "dydu", "dydv"),
+}
 
 
 @dataclass(eq=False)
@@ -131,9 +142,10 @@ class PRFParameters:
         (the core carries the position information). ``None``: 0.3 x ``rmax`` (5.5 pixels at the SPEC
         radii's sampling).
     time_max_shift : float
-        Pixels. The time model's pixel set per source is every pixel within ``rmax`` plus this many
-        pixels, fixed for all frames (so the solve's pattern stays); one linearised step moves a source by at
-        most half of it. A drift not in the WCS larger than this is cut at the disc edge.
+        Pixels. The time model's pixel set per source is every pixel within ``rmax`` plus at least this
+        many pixels (and within ``sparse_dist_lim``), fixed for all frames (so the solve's pattern stays);
+        one linearised step moves a source by at most half of it. A drift not in the WCS larger than this
+        is cut at the disc edge.
     """
 
     n_r_knots: int = 10
@@ -277,9 +289,9 @@ class PRFParameters:
             raise ValueError(f"PRF parameter bin_data must be False, True or an integer >= 4, got {b!r}")
         if not isinstance(self.time_model, bool | np.bool_):
             raise ValueError(f"PRF parameter time_model must be a bool, got {self.time_model!r}")
-        if self.transform not in ("shift", "scale", "affine"):
+        if self.transform not in TRANSFORM_TERMS:
             raise ValueError(
-                f"PRF parameter transform must be 'shift', 'scale' or 'affine', got {self.transform!r}"
+                f"PRF parameter transform must be one of {sorted(TRANSFORM_TERMS)}, got {self.transform!r}"
             )
         tc = self.time_core_radius
         if tc is not None and (not is_num(tc) or not 0 < tc <= self.rmax):

@@ -23,8 +23,7 @@ from ..ingest.arrays import add_photometry
 from ..ingest.images import GROUP, ingested_frames, load_images, open_image_group
 from ..store.schema import open_group, open_store, store_exists
 from .model import PRFModel
-from .parameters import PSF_ZERO_POINT, PRFParameters
-from .timemodel import TRANSFORM_TERMS
+from .parameters import PSF_ZERO_POINT, TRANSFORM_TERMS, PRFParameters
 
 __all__ = [
     "FLUX_SETS",

@@ -47,13 +47,13 @@ from threadpoolctl import threadpool_limits
 from .fluxfit import solve_batch
 from .geometry import Geometry
 from .inputs import frame_stacks, gather_pixels, per_frame_wcs
+from .parameters import TRANSFORM_TERMS
 from .refine import JointPixels, refine_shape
 from .shape import ShapeModel
 from .solver import FitResult, SolvePlan
 
 __all__ = [
     "CENTROID_RADIUS_PX",
-    "TRANSFORM_TERMS",
     "TimeModel",
     "build_time_model",
     "fit_frame_transform",
@@ -63,14 +63,6 @@ __all__ = [
     "source_shifts",
     "transform_basis",
 ]
-
-#: The terms of each transform (pixels): ``dx``, ``dy`` the common shift; ``scale`` the isotropic change
-#: (pixels at a half-width from the centre); ``dxdu`` ... the affine terms (``d shift_x / d u`` ...).
-TRANSFORM_TERMS = {
-    "shift": ("dx", "dy"),
-    "scale": ("dx", "dy", "scale"),
-    "affine": ("dx", "dy", "dxdu", "dxdv", "dydu", "dydv"),
-}
 
 #: Radius (pixels) of the window in which the shape's centroid is measured when re-centring.
 CENTROID_RADIUS_PX = 1.5
@@ -86,7 +78,7 @@ class TimeModel:
     Attributes
     ----------
     kind : str
-        A key of :data:`TRANSFORM_TERMS`.
+        A key of :data:`~.parameters.TRANSFORM_TERMS`.
     shape : ShapeModel
         The shape rebuilt at the fitted positions (re-centred).
     times : numpy.ndarray

@@ -31,6 +31,8 @@ __all__ = [
     "score_fluxes",
     "simulate_field",
     "spec_radii",
+    "time_scatter",
+    "transform_error",
     "true_fluxes",
 ]
 
@@ -260,3 +262,46 @@ def true_fluxes(sim, rmax_arcsec=None):
     if rmax_arcsec is None:
         return true
     return true * encircled_energy(rmax_arcsec / float(truth.meta["PIXSCALE"]), sim["prf"])
+
+
+def time_scatter(fitted, true, pair_id, edge) -> float:
+    """The median over isolated stars (no pair member, not on the edge) of the standard deviation over
+    frames of fitted / true: how much a light curve scatters (a variable star's variation divided out).
+
+    Parameters
+    ----------
+    fitted, true : numpy.ndarray
+        (T, nsources) fitted fluxes (NaN where not fitted) and what the fit should return.
+    pair_id, edge : numpy.ndarray
+        Per source, as in :func:`score_fluxes`.
+
+    Returns
+    -------
+    float
+    """
+    iso = (np.asarray(pair_id) < 0) & ~np.asarray(edge, bool)
+    return float(np.nanmedian(np.nanstd((fitted / true)[:, iso], axis=0)))
+
+
+def transform_error(sim, shifts) -> np.ndarray:
+    """Fitted source shifts minus the true displacements (:func:`simulate_images`' ``drift``), pixels,
+    less their mean over frames and sources: a transform is defined up to where the model puts a
+    source's centre (the re-centred shape's centroid within 1.5 pixels), a constant.
+
+    Parameters
+    ----------
+    sim : dict
+    shifts : numpy.ndarray
+        (T, 2, nsources) fitted x and y shifts of every source in every frame.
+
+    Returns
+    -------
+    numpy.ndarray
+        (T, 2, nsources) of the sources not on the edge.
+    """
+    truth = Table.read(sim["truth"])
+    T, _, ns = shifts.shape
+    true = np.stack([np.asarray(truth["dx"]).reshape(T, ns), np.asarray(truth["dy"]).reshape(T, ns)], axis=1)
+    inside = ~np.asarray(truth["edge"][:ns], bool)
+    err = (shifts - true)[:, :, inside]
+    return err - err.mean(axis=(0, 2), keepdims=True)
