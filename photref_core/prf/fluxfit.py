@@ -12,7 +12,7 @@ import numpy as np
 from .inputs import frame_stacks, gather_pixels, per_frame_wcs
 from .solver import FLAG_LOW_COVERAGE, FLAG_SOLVE_FAILED, FitResult
 
-__all__ = ["fit_frames", "solve_batch", "solve_reference"]
+__all__ = ["FrameOutputs", "fit_frames", "flux_prior_terms", "solve_batch", "solve_reference"]
 
 
 def fit_frames(
@@ -32,21 +32,8 @@ def fit_frames(
     flux, err, mask = frame_stacks(flux, flux_err, mask, gain, rdnoise)
     T, ny, nx = flux.shape
     wcs_list = per_frame_wcs(model.wcs if wcs is None else wcs, T)
-    mu = np.broadcast_to(
-        np.asarray(model.prior_mu if prior_mu is None else prior_mu, float), (model.nsources,)
-    )
-    sig = np.broadcast_to(
-        np.asarray(model.prior_sigma if prior_sigma is None else prior_sigma, float), (model.nsources,)
-    )
-    if not (np.all(np.isfinite(mu)) and np.all(sig > 0)):
-        raise ValueError("prior_mu must be finite and prior_sigma > 0")
-    isig2 = 1.0 / sig**2
-    ns = model.nsources
-    out = {k: np.full((T, ns), np.nan) for k in ("flux", "flux_err", "frac")}
-    flag = np.zeros((T, ns), np.int16)
-    fit_bg = bool(model.params.fit_background)
-    bgv = np.full(T, np.nan) if fit_bg else None
-    bge = np.full(T, np.nan) if fit_bg else None
+    mu, isig2 = flux_prior_terms(model, prior_mu, prior_sigma)
+    out = FrameOutputs(T, model.nsources, bool(model.params.fit_background))
     model_image = np.zeros((T, ny, nx)) if return_model else None
     # Frames sharing a WCS share a plan (keys computed once per distinct WCS object).
     by_id = {}
@@ -61,26 +48,58 @@ def fit_frames(
         F = flat_f if whole else flat_f[idx]
         E = flat_e if whole else flat_e[idx]
         M = None if flat_m is None else (flat_m if whole else flat_m[idx])
-        f, fe, fl, frac, b, be, wraw = solve_batch(plan, F, E, M, mu, isig2, model.params)
-        out["flux"][idx], out["flux_err"][idx], out["frac"][idx], flag[idx] = f, fe, frac, fl
-        if fit_bg:
-            bgv[idx], bge[idx] = b, be
+        solution = solve_batch(plan, F, E, M, mu, isig2, model.params)
+        out.put(idx, solution)
         if return_model:
+            b, wraw = solution[4], solution[6]
             m = np.zeros((idx.size, ny * nx))
             m[:, plan.pix_u] = (plan.Xc.T @ np.nan_to_num(wraw).T).T
-            if fit_bg:
+            if b is not None:
                 m += b[:, None]
             model_image[idx] = m.reshape(idx.size, ny, nx)
-    return FitResult(
-        flux=out["flux"],
-        flux_err=out["flux_err"],
-        flag=flag,
-        good_fraction=out["frac"],
-        source_id=model.source_ids.copy(),
-        background=bgv,
-        background_err=bge,
-        model=model_image,
-    )
+    return out.result(model.source_ids, model=model_image)
+
+
+class FrameOutputs:
+    """The per-frame outputs of a fit, filled frame batch by frame batch (:func:`solve_batch` results).
+
+    Parameters
+    ----------
+    n_frames, n_sources : int
+    fit_background : bool
+    """
+
+    def __init__(self, n_frames: int, n_sources: int, fit_background: bool):
+        self.arrays = {
+            k: np.full((n_frames, n_sources), np.nan) for k in ("flux", "flux_err", "good_fraction")
+        }
+        self.arrays["flag"] = np.zeros((n_frames, n_sources), np.int16)
+        self.fit_background = fit_background
+        for k in ("background", "background_err"):
+            self.arrays[k] = np.full(n_frames, np.nan) if fit_background else None
+
+    def put(self, idx, solution):
+        """Store a :func:`solve_batch` result for the frames ``idx``."""
+        a = self.arrays
+        flux, err, flag, frac, bg, bg_err, _ = solution
+        a["flux"][idx], a["flux_err"][idx], a["flag"][idx], a["good_fraction"][idx] = flux, err, flag, frac
+        if self.fit_background:
+            a["background"][idx], a["background_err"][idx] = bg, bg_err
+
+    def result(self, source_ids, **extra) -> FitResult:
+        """The :class:`~.solver.FitResult` (``extra``: its model image or transforms)."""
+        return FitResult(source_id=np.asarray(source_ids).copy(), **self.arrays, **extra)
+
+
+def flux_prior_terms(model, prior_mu=None, prior_sigma=None):
+    """The flux prior of a fit as ``(mu, 1 / sigma^2)`` per source: the model's, or the overrides
+    (scalars broadcast); ``mu`` must be finite and ``sigma`` > 0 (inf allowed)."""
+    ns = model.nsources
+    mu = np.broadcast_to(np.asarray(model.prior_mu if prior_mu is None else prior_mu, float), (ns,))
+    sig = np.broadcast_to(np.asarray(model.prior_sigma if prior_sigma is None else prior_sigma, float), (ns,))
+    if not (np.all(np.isfinite(mu)) and np.all(sig > 0)):
+        raise ValueError("prior_mu must be finite and prior_sigma > 0")
+    return mu, 1.0 / sig**2
 
 
 def solve_batch(plan, F, E, M, mu, isig2, params):

@@ -135,8 +135,8 @@ class PRFParameters:
         Most frames (of ``time_mask``, evenly spread) the time model's shape is rebuilt on; bounds its
         build time (every 2nd and every 4th frame of 40 measured the same).
     time_iterations : int
-        Most Gauss-Newton steps of a frame's transform (each with a flux solve); it stops earlier once no
-        step moves no source by more than 1e-4 pixel.
+        Most Gauss-Newton steps of a frame's transform (each with a flux solve); it stops earlier once a
+        step would move no source by more than 5e-4 pixel (keeping the fluxes solved before that step).
     time_core_radius : float or None
         Radius (arcsec) of the pixels around each source whose position derivatives fit the transform
         (the core carries the position information). ``None``: 0.3 x ``rmax`` (5.5 pixels at the SPEC

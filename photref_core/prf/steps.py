@@ -152,39 +152,38 @@ def fit_frame_chunk(store, model_group: str, flux_group: str, slots: list[int]) 
     sets and the transforms when the model has a time model)."""
     group = open_image_group(store)
     model = load_prf_model(store, model_group)
-    slots = sorted(int(s) for s in slots)  # time order within a chunk: each frame starts from the last
-    cube, wcs = load_images(group, np.asarray(slots))
-    frames = (cube["flux"], cube["flux_err"])
-    results = {"static": model.fit(*frames, mask=cube["mask"], wcs=wcs, time_model=False)}
+    slots = np.asarray(sorted(int(s) for s in slots))
+    cube, wcs = load_images(group, slots)
+    lo, hi = int(slots[0]), int(slots[-1]) + 1
+    rows = slots - lo
+    # (rows, result) per flux set; the time model fits frames in time order, each from the previous one.
+    results = {
+        "static": (
+            rows,
+            model.fit(cube["flux"], cube["flux_err"], mask=cube["mask"], wcs=wcs, time_model=False),
+        )
+    }
     if model.time_model is not None:
-        times = np.asarray(group["time"].get_orthogonal_selection((np.asarray(slots),)), dtype=float)
+        times = np.asarray(group["time"].get_orthogonal_selection((slots,)), dtype=float)
         order = np.argsort(times, kind="stable")
         result = model.fit(
-            *(f[order] for f in frames),
+            cube["flux"][order],
+            cube["flux_err"][order],
             mask=cube["mask"][order],
             wcs=[wcs[i] for i in order],
             times=times[order],
         )
-        back = np.argsort(order)
-        result.flux, result.flux_err, result.flag = (
-            result.flux[back],
-            result.flux_err[back],
-            result.flag[back],
-        )
-        result.transform = result.transform[back]
-        results["time"] = result
+        results["time"] = (rows[order], result)
     out = open_group(store, path=flux_group, mode="r+")
-    lo, hi = min(slots), max(slots) + 1
-    rows = np.asarray(slots) - lo
-    for which, result in results.items():
+    for which, (where, result) in results.items():
         for name, values in zip(FLUX_SETS[which], (result.flux, result.flux_err, result.flag), strict=True):
             block = out[name][lo:hi]
-            block[rows] = values
+            block[where] = values
             out[name][lo:hi] = block
-    if "time" in results:
-        block = out["transform"][lo:hi]
-        block[rows] = results["time"].transform
-        out["transform"][lo:hi] = block
+        if which == "time":
+            block = out["transform"][lo:hi]
+            block[where] = result.transform
+            out["transform"][lo:hi] = block
     return len(slots)
 
 
