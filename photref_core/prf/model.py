@@ -342,10 +342,8 @@ class PRFModel:
         if use_time:
             if self.time_model is None:
                 raise ValueError("this PRF model has no time model (build it with params.time_model=True)")
-            if return_model:
-                raise ValueError("return_model is not available with the time model yet")
             return fit_frames_with_transform(
-                self, flux, flux_err, mask, wcs, times, gain, rdnoise, prior_mu, prior_sigma
+                self, flux, flux_err, mask, wcs, times, return_model, gain, rdnoise, prior_mu, prior_sigma
             )
         return fit_frames(self, flux, flux_err, mask, wcs, return_model, gain, rdnoise, prior_mu, prior_sigma)
 

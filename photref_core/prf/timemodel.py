@@ -343,6 +343,7 @@ def fit_frames_with_transform(
     mask=None,
     wcs=None,
     times=None,
+    return_model=False,
     gain=1.0,
     rdnoise=0.0,
     prior_mu=None,
@@ -359,6 +360,7 @@ def fit_frames_with_transform(
     times = None if times is None else np.asarray(times, dtype=float)
     out = FrameOutputs(T, model.nsources, bool(model.params.fit_background))
     transforms = np.full((T, len(tmod.terms)), np.nan)
+    model_image = np.zeros((T, ny * nx)) if return_model else None
     a = tmod.start(None if times is None else times[0])
     with threadpool_limits(limits=1, user_api="blas"):
         for t in range(T):
@@ -369,7 +371,16 @@ def fit_frames_with_transform(
             )
             transforms[t] = a
             out.put([t], solution)
-    return out.result(model.source_ids, transform=transforms, transform_terms=tmod.terms)
+            if return_model:  # the plan holds the model at the returned transform
+                model_image[t, pairs.plan.pix_u] = pairs.plan.Xc.T @ np.nan_to_num(solution[6][0])
+                if solution[4] is not None:
+                    model_image[t] += solution[4][0]
+    return out.result(
+        model.source_ids,
+        transform=transforms,
+        transform_terms=tmod.terms,
+        model=None if model_image is None else model_image.reshape(T, ny, nx),
+    )
 
 
 def shape_centroid(shape: ShapeModel, radius: float, n_gauss: int = 8) -> tuple[float, float]:

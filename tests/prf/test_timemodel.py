@@ -171,8 +171,12 @@ def test_time_model_reaches_the_oracle_under_drift(tmp_path, name):
     case = _drift_case(tmp_path, name, drift=0.5, scale_drift=0.25 / (96 if name == "kepler" else 128) * 2)
     flux, err, mask, wcs = case["frames"]
     model = case["model"]
-    static = model.fit(flux, err, mask, wcs, time_model=False)
-    moving = model.fit(flux, err, mask, wcs)
+    static = model.fit(flux, err, mask, wcs, time_model=False, return_model=True)
+    moving = model.fit(flux, err, mask, wcs, return_model=True)
+    # The model images: data - model is noise on the source pixels with the time model, not without.
+    source_pixels = ~mask & (moving.model > err)
+    chi2 = [float(np.mean(((flux - r.model) / err)[source_pixels] ** 2)) for r in (moving, static)]
+    assert 0.9 <= chi2[0] <= 1.2 and chi2[1] > 2.0
     oracle = time_scatter(case["oracle"], case["true_total"], case["pair"], case["edge"])
     ratio_static = time_scatter(static.flux, case["true"], case["pair"], case["edge"]) / oracle
     ratio = time_scatter(moving.flux, case["true"], case["pair"], case["edge"]) / oracle
