@@ -190,7 +190,8 @@ class _FramePairs:
     """One frame WCS's fixed (source, pixel) pairs for moving sources, and their solve plan."""
 
     def __init__(self, shape: ShapeModel, g: Geometry, kind: str, max_shift_px: float):
-        scale = np.sqrt(np.sum(g.jac**2, axis=(1, 2)))  # >= each source's largest pixel scale, arcsec
+        jac = np.nan_to_num(g.jac)
+        scale = np.sqrt(np.linalg.eigvalsh(np.einsum("sji,sjk->sik", jac, jac))[:, -1])  # largest, arcsec/px
         reach = shape.rmax + max_shift_px * scale[g.src]
         keep = g.r <= reach
         self.geom = Geometry(
@@ -220,13 +221,14 @@ class _FramePairs:
         sx, sy = self.shifts(a)
         mg = moved_geometry(self.geom, sx, sy)
         vals = np.zeros(mg.r.size)
-        inside = np.flatnonzero(mg.r <= shape.rmax)
         area = mg.area[mg.src]
         if core_radius is None:
+            inside = np.flatnonzero(mg.r <= shape.rmax)
             vals[inside] = 10.0 ** shape.log_value(mg.r[inside], mg.phi[inside]) / shape.norm * area[inside]
             return vals, None
-        core = inside[mg.r[inside] <= core_radius]
-        rest = np.setdiff1d(inside, core, assume_unique=True)
+        core_radius = min(core_radius, shape.rmax)
+        core = np.flatnonzero(mg.r <= core_radius)
+        rest = np.flatnonzero((mg.r > core_radius) & (mg.r <= shape.rmax))
         vals[rest] = 10.0 ** shape.log_value(mg.r[rest], mg.phi[rest]) / shape.norm * area[rest]
         s, s_r, s_phi = shape.log_value_gradient(mg.r[core], mg.phi[core])
         v = 10.0**s / shape.norm * area[core]
