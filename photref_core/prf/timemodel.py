@@ -20,8 +20,10 @@ changes; a pair outside ``rmax`` is an explicit zero).
 solve (all sources, the same solve as the static fit, on the moved model) with one Gauss-Newton step of
 the transform, the scene linearised with the PRF's analytic position derivatives (B-spline derivatives,
 :meth:`~.shape.ShapeModel.log_value_gradient`) on the pairs within ``time_core_radius`` of their source
-(the core pixels carry the position information); ``time_iterations`` steps at most, then a last flux
-solve at the final transform gives the fluxes and errors.
+(the core pixels carry the position information); ``time_iterations`` steps at most, stopping once a
+step would move no source by 5e-4 px (the fluxes just solved are kept), else a last flux solve at the final
+transform gives the fluxes and errors. The alternation converges linearly (each step ~10x shorter than the
+last on the test fields), so a frame costs about three model evaluations.
 
 **The shape at build time** (:func:`build_time_model`): a mean frame of a drifting field is blurred, and
 its shape absorbs the mean offset; the shape's core has no angular freedom, so an off-centre PRF cannot be
@@ -455,29 +457,20 @@ def build_time_model(model, flux, err, mask, wcs_list, tm, times, w_prior) -> Ti
     kind = p.transform
     nterms = len(TRANSFORM_TERMS[kind])
 
-    def data(t):
-        good = np.isfinite(flux[t]) & np.isfinite(err[t]) & (err[t] > 0)
-        if mask is not None:
-            good &= ~mask[t]
-        return good
-
     def fit_all(a_start, chain):
         """Every build frame's transform: from ``a_start[k]``, or (``chain``) from the previous frame's."""
-        out, amps, a = np.zeros((frames.size, nterms)), [], a_start[0]
+        out, a = np.zeros((frames.size, nterms)), a_start[0]
         for k, t in enumerate(frames):
             pairs = _frame_pairs(model, shape, wcs_list[t], (ny, nx))
             m = None if mask is None else mask[t].ravel()
             start = a if chain else a_start[k]
-            a, res = fit_frame_transform(
-                pairs, shape, flux[t].ravel(), err[t].ravel(), m, start, mu, isig2, p
-            )
+            a, _ = fit_frame_transform(pairs, shape, flux[t].ravel(), err[t].ravel(), m, start, mu, isig2, p)
             out[k] = a
-            amps.append(np.nan_to_num(res[6][0], nan=0.0, posinf=0.0, neginf=0.0))
-        return out, amps
+        return out
 
     diag = {"build_frames": frames.tolist(), "recentre_px": [], "refine": []}
     with threadpool_limits(limits=1, user_api="blas"):
-        A, amps = fit_all(np.zeros((frames.size, nterms)), chain=True)
+        A = fit_all(np.zeros((frames.size, nterms)), chain=True)
         for _ in range(int(p.time_rounds)):
             g0 = model.frames.geometry(wcs_list[frames[0]], (ny, nx))
             jac = np.median(g0.jac[np.isfinite(g0.jac).all(axis=(1, 2))], axis=0)
@@ -487,34 +480,24 @@ def build_time_model(model, flux, err, mask, wcs_list, tm, times, w_prior) -> Ti
             diag["recentre_px"].append([float(cx), float(cy)])
             A[:, 0] += cx
             A[:, 1] += cy
+            # Each frame at its re-centred transform: its pixels for the refinement, and its amplitudes
+            # (a prior-free flux solve with the current shape).
             problems, fluxes = [], []
             for k, t in enumerate(frames):
                 pairs = _frame_pairs(model, shape, wcs_list[t], (ny, nx))
+                good = np.isfinite(flux[t]) & np.isfinite(err[t]) & (err[t] > 0)
+                if mask is not None:
+                    good &= ~mask[t]
+                image, error = np.where(good, flux[t], 0.0), np.where(good, err[t], np.inf)
                 sx, sy = pairs.shifts(A[k])
-                good = data(t)
-                epoch = {
-                    "flux": np.where(good, flux[t], 0.0),
-                    "err": np.where(good, err[t], np.inf),
-                    "good": good,
-                }
+                epoch = {"flux": image, "err": error, "good": good}
                 problems.append(JointPixels(shape, moved_geometry(pairs.geom, sx, sy), epoch))
-            # The amplitudes at the re-centred positions: one flux solve per frame with the current shape.
-            for k, t in enumerate(frames):
-                pairs = _frame_pairs(model, shape, wcs_list[t], (ny, nx))
-                vals, _ = pairs.values(shape, A[k])
-                plan = pairs.solve_plan(pairs.matrix(vals))
-                good = data(t)
-                res = solve_batch(
-                    plan,
-                    np.where(good, flux[t], 0.0).ravel()[None],
-                    np.where(good, err[t], np.inf).ravel()[None],
-                    ~good.ravel()[None],
-                    mu,
-                    np.zeros_like(mu),
-                    p,
+                plan = pairs.solve_plan(pairs.matrix(pairs.values(shape, A[k])[0]))
+                solution = solve_batch(
+                    plan, image.ravel()[None], error.ravel()[None], ~good.ravel()[None], mu, 0.0 * mu, p
                 )
-                fluxes.append(res[6][0])
+                fluxes.append(solution[6][0])
             diag["refine"].append(refine_shape(shape, problems, lambda fl=fluxes: fl, w_prior, p))
-            A, amps = fit_all(A, chain=False)
+            A = fit_all(A, chain=False)
     diag["transforms"] = A.tolist()
     return TimeModel(kind=kind, shape=shape, times=times[frames], transforms=A, diagnostics=diag)
