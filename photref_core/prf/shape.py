@@ -327,18 +327,35 @@ class ShapeModel:
         -------
         float
         """
+        rr, pp, area = self.disc_nodes(radius, n_gauss)
+        s = (self.design(rr.ravel(), pp.ravel()) @ self.weights).reshape(rr.shape)
+        return float(np.sum(10.0**s * area) / self.norm)
+
+    def disc_nodes(self, radius, n_gauss=8):
+        """Quadrature nodes of the disc ``r <= radius`` (clipped to ``rmax``): Gauss-Legendre with
+        ``n_gauss`` nodes on each radial knot span, a periodic trapezoid of ``16 * n_phi_knots`` angles.
+
+        Parameters
+        ----------
+        radius : float
+            Arcsec.
+        n_gauss : int
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(r, phi, area)``, each (n_r, n_phi): the nodes and their area weights (``r dr dphi``).
+        """
         radius = min(float(radius), self.rmax)
-        bp = self.breakpoints[self.breakpoints < radius]
-        bp = np.concatenate([bp, [radius]])
+        bp = np.concatenate([self.breakpoints[self.breakpoints < radius], [radius]])
         x, wx = np.polynomial.legendre.leggauss(n_gauss)
-        a, b = bp[:-1], bp[1:]
-        r = ((b - a)[:, None] * (x[None, :] + 1) / 2 + a[:, None]).ravel()
-        wr = ((b - a)[:, None] / 2 * wx[None, :]).ravel()
+        lo, hi = bp[:-1], bp[1:]
+        r = ((hi - lo)[:, None] * (x[None, :] + 1) / 2 + lo[:, None]).ravel()
+        wr = ((hi - lo)[:, None] / 2 * wx[None, :]).ravel()
         n_phi = 16 * self.n_phi_knots
         phi = np.arange(n_phi) * (2 * np.pi / n_phi)
         rr, pp = np.meshgrid(r, phi, indexing="ij")
-        s = (self.design(rr.ravel(), pp.ravel()) @ self.weights).reshape(rr.shape)
-        return float(np.sum(10.0**s * (wr * r)[:, None]) * (2 * np.pi / n_phi) / self.norm)
+        return rr, pp, np.broadcast_to((wr * r)[:, None] * (2 * np.pi / n_phi), rr.shape)
 
 
 def row_block(m, n: int):

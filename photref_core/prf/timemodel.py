@@ -402,16 +402,8 @@ def shape_centroid(shape: ShapeModel, radius: float, n_gauss: int = 8) -> tuple[
     -------
     tuple of float
     """
-    radius = min(float(radius), shape.rmax)
-    bp = np.concatenate([shape.breakpoints[shape.breakpoints < radius], [radius]])
-    x, wx = np.polynomial.legendre.leggauss(n_gauss)
-    lo, hi = bp[:-1], bp[1:]
-    r = ((hi - lo)[:, None] * (x[None, :] + 1) / 2 + lo[:, None]).ravel()
-    wr = ((hi - lo)[:, None] / 2 * wx[None, :]).ravel()
-    n_phi = 16 * shape.n_phi_knots
-    phi = np.arange(n_phi) * (2 * np.pi / n_phi)
-    rr, pp = np.meshgrid(r, phi, indexing="ij")
-    w = shape.density(rr, pp) * (wr * r)[:, None]
+    rr, pp, area = shape.disc_nodes(radius, n_gauss)
+    w = shape.density(rr, pp) * area
     total = float(np.sum(w))
     return float(np.sum(w * rr * np.cos(pp)) / total), float(np.sum(w * rr * np.sin(pp)) / total)
 
