@@ -102,12 +102,14 @@ def flux_prior_terms(model, prior_mu=None, prior_sigma=None):
     return mu, 1.0 / sig**2
 
 
-def solve_batch(plan, F, E, M, mu, isig2, params):
+def solve_batch(plan, F, E, M, mu, isig2, params, extra=None):
     """Solve flattened frames (T, npix) on one plan; returns flux, err, flag, frac, bg, bgerr, w.
 
     ``M`` is the (T, npix) bad-pixel mask or None; ``params`` gives ``fit_background`` and
     ``min_good_fraction``. Only the model pixels are touched unless a
     background is fitted (then every pixel enters the background sums). Everything is float64.
+    ``extra``: more right-hand sides of a one-frame batch (:meth:`~.solver.SolvePlan.solve`), whose
+    solutions are then returned as an eighth element.
     """
     fit_bg = bool(params.fit_background)
     Fu, Wu, goodu = gather_pixels(F, E, M, plan.pix_u)
@@ -120,7 +122,8 @@ def solve_batch(plan, F, E, M, mu, isig2, params):
             ft = np.where(wt[0] > 0, F[t], 0.0).astype(float)
             s[t], c[t] = wt.sum(), float(wt[0] @ ft)
         bg = (s, c)
-    w, var, bgw, bgvar, failed = plan.solve(Fu, Wu, mu, isig2, bg)
+    solved = plan.solve(Fu, Wu, mu, isig2, bg, extra)
+    w, var, bgw, bgvar, failed = solved[:5]
     frac = (plan.Xc @ goodu.T.astype(float)).T
     flag = np.zeros(w.shape, np.int16)
     low = frac < params.min_good_fraction
@@ -130,6 +133,8 @@ def solve_batch(plan, F, E, M, mu, isig2, params):
     out = np.where(flag == 0, w, np.nan)
     out_err = np.where(flag == 0, np.sqrt(np.where(var >= 0, var, np.nan)), np.nan)
     bge = np.sqrt(bgvar) if bgvar is not None else None
+    if extra is not None:
+        return out, out_err, flag, frac, bgw, bge, w, solved[5]
     return out, out_err, flag, frac, bgw, bge, w
 
 

@@ -123,7 +123,7 @@ class SolvePlan:
         self.row_sum = np.asarray(self.Xc.sum(axis=1)).ravel()
         return self
 
-    def solve(self, F, W, mu, isig2, bg=None):
+    def solve(self, F, W, mu, isig2, bg=None, extra=None):
         """Solve a batch of frames.
 
         Parameters
@@ -134,6 +134,9 @@ class SolvePlan:
             (nsrc,) prior means and 1/sigma^2 (0: no prior).
         bg : tuple of numpy.ndarray, optional
             (s, c): per-frame sums of W and W*F over all good pixels of the frame, to fit a background.
+        extra : numpy.ndarray, optional
+            (nsrc, m) more right-hand sides for a batch of ONE frame, solved with its flux normal matrix
+            (the background, if any, left out): the time model's coupling of fluxes and transform.
 
         Returns
         -------
@@ -143,8 +146,13 @@ class SolvePlan:
             (T,) background and its variance.
         failed : numpy.ndarray of bool
             (T, nsrc) sources whose group system was singular.
+        extra_solution : numpy.ndarray
+            (nsrc, m), only when ``extra`` is given.
         """
         T = F.shape[0]
+        if extra is not None and T != 1:
+            raise ValueError("extra right-hand sides need a batch of one frame")
+        extra_out = None if extra is None else np.zeros(extra.shape)
         ns = self.nsrc
         b = (self.Xc @ (F * W).T).reshape(ns, T)
         Av = np.vstack([(self.P @ W.T).reshape(-1, T), np.zeros((1, T))])
@@ -181,6 +189,8 @@ class SolvePlan:
                 if bg is not None:
                     U = np.moveaxis(u[mem, tt], 2, 1) * ~dead
                     z[mem, tt] = np.moveaxis(np.einsum("gtij,gtj->gti", Minv, U), 1, 2)
+                if extra is not None:
+                    extra_out[mem] = np.einsum("gij,gjm->gim", Minv[:, 0], extra[mem] * ~dead[:, 0, :, None])
         bgw = bgvar = None
         if bg is not None:
             s, c = bg
@@ -189,6 +199,8 @@ class SolvePlan:
             bgvar = 1.0 / denom
             w0 = w0 - z * bgw[None, :]
             var = var + z * z / denom[None, :]
+        if extra is not None:
+            return w0.T, var.T, bgw, bgvar, failed.T, extra_out
         return w0.T, var.T, bgw, bgvar, failed.T
 
 

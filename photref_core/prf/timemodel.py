@@ -274,6 +274,13 @@ def core_radius(params) -> float:
     return float(params.time_core_radius) if params.time_core_radius is not None else 0.3 * params.rmax
 
 
+def _core_jacobian(dprf, flux, row, npix):
+    """``d model_p / d a_k = sum_i F_i dPRF_ip / d a_k`` on the core pixels: the pairs' per-unit-flux
+    derivatives (pairs x terms) times their source's flux, summed per pixel (``row``: a pair's pixel)."""
+    dm = flux[:, None] * dprf
+    return np.stack([np.bincount(row, weights=dm[:, k], minlength=npix) for k in range(dprf.shape[1])], 1)
+
+
 def fit_frame_transform(pairs: _FramePairs, shape: ShapeModel, f, e, m, a0, mu, isig2, params):
     """Fit one frame's transform and fluxes (the module docstring's alternation).
 
@@ -302,29 +309,35 @@ def fit_frame_transform(pairs: _FramePairs, shape: ShapeModel, f, e, m, a0, mu, 
     M = None if m is None else m[None, :]
     rc = core_radius(params)
     ns = pairs.geom.nsources
-    res = None
+    amp_prev = np.asarray(mu, dtype=float)  # the fluxes the coupling is linearised at (then the last fit's)
     for _ in range(int(params.time_iterations)):
         vals, (core, d_sx, d_sy) = pairs.values(shape, a, rc)
         plan = pairs.solve_plan(pairs.matrix(vals))
-        res = solve_batch(plan, F, E, M, mu, isig2, params)
-        amp = np.nan_to_num(res[6][0], nan=0.0, posinf=0.0, neginf=0.0)
-        bg = float(res[4][0]) if res[4] is not None else 0.0
-        model_u = plan.Xc.T @ amp  # the model on the plan's pixels (every source's light)
         src, pix = pairs.geom.src[core], pairs.geom.pix[core]
         upix, row = np.unique(pix, return_inverse=True)
         at = np.searchsorted(plan.pix_u, upix)
-        fu, wu, _ = gather_pixels(F, E, M, upix)
-        resid = fu[0] - model_u[at] - bg
-        w = wu[0]
-        # d model_p / d a_k = sum_i F_i (dPRF_ip/dsx Bx_ik + dPRF_ip/dsy By_ik), over the core pairs.
-        dm = amp[src, None] * (d_sx[:, None] * pairs.bx[src] + d_sy[:, None] * pairs.by[src])
-        J = np.stack([np.bincount(row, weights=dm[:, k], minlength=upix.size) for k in range(a.size)], 1)
-        H = J.T @ (J * w[:, None])
+        fu, w, _ = (x[0] for x in gather_pixels(F, E, M, upix))
+        # d model_p / d a_k = sum_i F_i (dPRF_ip/dsx Bx_ik + dPRF_ip/dsy By_ik) over the core pairs, per
+        # unit flux; the Jacobian is that times the fluxes.
+        dprf = d_sx[:, None] * pairs.bx[src] + d_sy[:, None] * pairs.by[src]
+        # The coupling of fluxes and transform, X^T W J: its solutions through the flux normal matrix make the
+        # step one of the joint problem (a Schur complement), not of the transform alone.
+        J0 = _core_jacobian(dprf, amp_prev[src], row, upix.size)
+        WJ = np.zeros((plan.pix_u.size, a.size))
+        WJ[at] = w[:, None] * J0
+        coupling = plan.Xc @ WJ
+        res = solve_batch(plan, F, E, M, mu, isig2, params, extra=coupling)
+        solved_coupling, res = res[7], res[:7]
+        amp = np.nan_to_num(res[6][0], nan=0.0, posinf=0.0, neginf=0.0)
+        bg = float(res[4][0]) if res[4] is not None else 0.0
+        resid = fu - (plan.Xc.T @ amp)[at] - bg  # every source's light on the core pixels
+        J = _core_jacobian(dprf, amp[src], row, upix.size)
         g = J.T @ (w * resid)
+        schur = J0.T @ (J0 * w[:, None]) - coupling.T @ solved_coupling
         try:
-            da = np.linalg.solve(H, g)
+            da = np.linalg.solve(schur, g)
         except np.linalg.LinAlgError:
-            da = np.linalg.lstsq(H, g, rcond=None)[0]
+            da = np.linalg.lstsq(schur, g, rcond=None)[0]
         if not np.all(np.isfinite(da)):
             break
         sx, sy = pairs.shifts(da)
@@ -335,6 +348,7 @@ def fit_frame_transform(pairs: _FramePairs, shape: ShapeModel, f, e, m, a0, mu, 
         if move > limit:
             da *= limit / move
         a = a + da
+        amp_prev = amp
     vals, _ = pairs.values(shape, a)
     plan = pairs.solve_plan(pairs.matrix(vals))
     return a, solve_batch(plan, F, E, M, mu, isig2, params)

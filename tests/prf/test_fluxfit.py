@@ -104,3 +104,31 @@ def test_grouped_solution_equals_dense_solve(tmp_path, fit_background, monkeypat
         shifted = m.fit(flux + 7.5, f["err"], mask=f["mask"])
         np.testing.assert_allclose(shifted.background - res.background, 7.5, rtol=1e-9)
         np.testing.assert_allclose(shifted.flux, res.flux, rtol=1e-9, equal_nan=True)
+
+
+def test_extra_right_hand_sides_are_solved_with_the_frame_normal_matrix():
+    """SolvePlan.solve's ``extra`` (the time model's flux-transform coupling) equals a dense solve with the
+    frame's flux normal matrix, groups and dead sources included; more than one frame is refused."""
+    from scipy import sparse
+
+    rng = np.random.default_rng(5)
+    ns, npix = 7, 40
+    X = np.zeros((ns, npix))
+    for i, (lo, hi) in enumerate([(0, 8), (5, 12), (10, 16), (20, 28), (24, 31), (33, 38), (38, 40)]):
+        X[i, lo:hi] = rng.uniform(0.1, 1.0, hi - lo)
+    X[6] = 0.0  # a source with no model pixel and no prior: dead
+    X[6, 39] = 1e-300
+    plan = prf_solver.SolvePlan(sparse.csr_array(X))
+    W = rng.uniform(0.5, 2.0, (1, plan.pix_u.size))
+    W[0, -1] = 0.0
+    F = rng.normal(size=(1, plan.pix_u.size))
+    isig2 = np.where(np.arange(ns) == 6, 0.0, 1e-3)
+    extra = rng.normal(size=(ns, 3))
+    *_, solved = plan.solve(F, W, np.zeros(ns), isig2, extra=extra)
+    Xu = X[:, plan.pix_u]
+    A = (Xu * W[0]) @ Xu.T + np.diag(isig2)
+    live = np.arange(6)
+    np.testing.assert_allclose(solved[live], np.linalg.solve(A[np.ix_(live, live)], extra[live]), rtol=1e-9)
+    np.testing.assert_array_equal(solved[6], 0.0)
+    with pytest.raises(ValueError, match="one frame"):
+        plan.solve(np.vstack([F, F]), np.vstack([W, W]), np.zeros(ns), isig2, extra=extra)
