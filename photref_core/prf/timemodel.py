@@ -16,14 +16,17 @@ the source's local WCS Jacobian), so the model is evaluated at moved offsets on 
 every pixel within ``rmax`` + ``time_max_shift`` pixels of the source (so the flux solve's pattern never
 changes; a pair outside ``rmax`` is an explicit zero).
 
-**The fit of one frame** (:func:`fit_frame_transform`): from a starting transform, alternate the flux
-solve (all sources, the same solve as the static fit, on the moved model) with one Gauss-Newton step of
-the transform, the scene linearised with the PRF's analytic position derivatives (B-spline derivatives,
-:meth:`~.shape.ShapeModel.log_value_gradient`) on the pairs within ``time_core_radius`` of their source
-(the core pixels carry the position information); ``time_iterations`` steps at most, stopping once a
-step would move no source by 5e-4 px (the fluxes just solved are kept), else a last flux solve at the final
-transform gives the fluxes and errors. The alternation converges linearly (each step ~10x shorter than the
-last on the test fields), so a frame costs about three model evaluations.
+**The fit of one frame** (:func:`fit_frame_transform`): from a starting transform, each iteration solves
+the fluxes (all sources, the same solve as the static fit, on the moved model) and takes a Gauss-Newton
+step of the transform, the scene linearised with the PRF's analytic position derivatives (B-spline
+derivatives, :meth:`~.shape.ShapeModel.log_value_gradient`) on the pairs within ``time_core_radius`` of
+their source (the core pixels carry the position information). The step is one of the joint (flux,
+transform) problem: the coupling ``X^T W J`` is solved through the frame's flux normal matrix in the same
+solve, and the transform's normal matrix is its Schur complement (``J`` linearised at the previous
+iteration's fluxes). Alternating a flux solve with a transform-only step converged linearly (each step
+~10x shorter than the last on the test fields); the joint step ~50x. ``time_iterations`` steps at most,
+stopping once a step would move no source by 5e-4 px (the fluxes just solved are kept), else a last flux
+solve at the final transform gives the fluxes and errors: two or three model evaluations a frame.
 
 **The shape at build time** (:func:`build_time_model`): a mean frame of a drifting field is blurred, and
 its shape absorbs the mean offset; the shape's core has no angular freedom, so an off-centre PRF cannot be
