@@ -97,14 +97,16 @@ def write_prf_products(
     """The long-format flux table (the flux set ``fluxes``), the shape-model plot and the PSF metrics."""
     import numpy as np
 
-    table_path = steps.write_flux_table(store, flux_group, output, model_group, fluxes)
+    # Each table read once: written, then counted.
+    table = steps.flux_table(store, flux_group, fluxes)
+    transforms = steps.transform_table(store, flux_group)
+    table_path = steps.write_flux_table(store, output, table, transforms, model_group)
     model = steps.load_prf_model(store, model_group)
     metrics = model.get_psf_metrics()
     plot_path = None
     if plot:
         plot_path = os.path.splitext(table_path)[0] + "_prf.png"
         model.plot_shape_model(plot_path)
-    table = steps.flux_table(store, flux_group, fluxes)
     fraction = np.asarray(metrics.source_psf_fraction)
     products = {
         "fluxes": table_path,
@@ -117,11 +119,13 @@ def write_prf_products(
         "flagged": int((np.asarray(table["flag"]) != 0).sum()),
         "median_source_psf_fraction": float(np.nanmedian(fraction)) if fraction.size else float("nan"),
     }
-    frames = steps.frame_table(store, flux_group)
-    if frames is not None:
-        terms = [c for c in frames.colnames if c not in ("frame_id", "time")]
-        span = {t: float(np.nanmax(frames[t]) - np.nanmin(frames[t])) if len(frames) else 0.0 for t in terms}
-        products["time_model"] = {"transform": frames.meta["TRANSFRM"], "range_px": span}
+    if transforms is not None:
+        terms = [c for c in transforms.colnames if c not in ("frame_id", "time")]
+        span = {
+            t: float(np.nanmax(transforms[t]) - np.nanmin(transforms[t])) if len(transforms) else 0.0
+            for t in terms
+        }
+        products["time_model"] = {"transform": transforms.meta["TRANSFRM"], "range_px": span}
     return products
 
 

@@ -34,9 +34,9 @@ __all__ = [
     "flux_set",
     "flux_table",
     "frame_chunks",
-    "frame_table",
     "load_prf_model",
     "prf_model_key",
+    "transform_table",
     "write_flux_table",
 ]
 
@@ -223,7 +223,7 @@ def flux_table(store, flux_group: str, fluxes: str | None = None) -> Table:
     return table
 
 
-def frame_table(store, flux_group: str) -> Table | None:
+def transform_table(store, flux_group: str) -> Table | None:
     """Per ingested frame: ``frame_id``, ``time`` and the time model's transform terms (pixels); ``None``
     when the flux group has no time model."""
     out = open_group(store, path=flux_group, mode="r")
@@ -242,13 +242,10 @@ def frame_table(store, flux_group: str) -> Table | None:
     return table
 
 
-def write_flux_table(
-    store, flux_group: str, output, model_group: str | None = None, fluxes: str | None = None
-) -> str:
+def write_flux_table(store, output, table: Table, transforms: Table | None = None, model_group=None) -> str:
     """Write the long-format flux FITS table atomically (fsync'd temporary name, then rename): HDU
-    ``FLUXES`` from the flux set ``fluxes`` (:func:`flux_set`; the primary header's ``FLUXSET`` says which)
-    and, with a time model, HDU ``FRAMES`` (:func:`frame_table`)."""
-    table = flux_table(store, flux_group, fluxes)
+    ``FLUXES`` (a :func:`flux_table`; the primary header's ``FLUXSET`` says which flux set) and, with a
+    time model, HDU ``FRAMES`` (a :func:`transform_table`)."""
     hdu = fits.table_to_hdu(table)
     hdu.name = "FLUXES"
     primary = fits.PrimaryHDU()
@@ -257,10 +254,9 @@ def write_flux_table(
         primary.header["PRFMODEL"] = model_group
     primary.header["FLUXSET"] = (table.meta["FLUXSET"], "fluxes of the 'static' or the 'time' model")
     hdus = [primary, hdu]
-    frames = frame_table(store, flux_group)
-    if frames is not None:
-        primary.header["TRANSFRM"] = (frames.meta["TRANSFRM"], "time model: per-frame transform (FRAMES)")
-        frame_hdu = fits.table_to_hdu(frames)
+    if transforms is not None:
+        primary.header["TRANSFRM"] = (transforms.meta["TRANSFRM"], "time model: per-frame transform (FRAMES)")
+        frame_hdu = fits.table_to_hdu(transforms)
         frame_hdu.name = "FRAMES"
         hdus.append(frame_hdu)
     return str(atomic_writeto(fits.HDUList(hdus), output))
