@@ -480,11 +480,12 @@ def build_time_model(model, flux, err, mask, wcs_list, tm, times, w_prior) -> Ti
     diag = {"build_frames": frames.tolist(), "recentre_px": [], "refine": []}
     with threadpool_limits(limits=1, user_api="blas"):
         A = fit_all(np.zeros((frames.size, nterms)), chain=True)
+        # The centroid's window and its conversion to pixels: the first build frame's median Jacobian.
+        g0 = model.frames.geometry(wcs_list[frames[0]], (ny, nx))
+        jac = np.median(g0.jac[np.isfinite(g0.jac).all(axis=(1, 2))], axis=0)
+        window = CENTROID_RADIUS_PX * math.sqrt(abs(np.linalg.det(jac)))
         for _ in range(int(p.time_rounds)):
-            g0 = model.frames.geometry(wcs_list[frames[0]], (ny, nx))
-            jac = np.median(g0.jac[np.isfinite(g0.jac).all(axis=(1, 2))], axis=0)
-            pix_scale = math.sqrt(abs(np.linalg.det(jac)))
-            cxi, ceta = shape_centroid(shape, CENTROID_RADIUS_PX * pix_scale)
+            cxi, ceta = shape_centroid(shape, window)
             cx, cy = np.linalg.solve(jac, [cxi, ceta])
             diag["recentre_px"].append([float(cx), float(cy)])
             A[:, 0] += cx
