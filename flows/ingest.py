@@ -17,8 +17,9 @@ from prefect.futures import as_completed
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks.ingest import finalize_ingestion, ingest_batch, plan_ingestion
+from tasks.naming import artifact_key, flow_run_name
 
-from .artifacts import publish_ingestion_summary
+from .artifacts import INGESTION_PROGRESS, publish_ingestion_summary
 from .progress import Progress
 from .runners import make_task_runner, run_by_hand
 
@@ -38,7 +39,7 @@ def expand_frame_paths(patterns: Iterable[str]) -> list[str]:
     return sorted(dict.fromkeys(paths))
 
 
-@flow(name="ingest-frames", flow_run_name="ingest {store}", task_runner=make_task_runner())
+@flow(name="ingest-frames", flow_run_name=flow_run_name("ingest"), task_runner=make_task_runner())
 def ingest_frames(
     store: str,
     frames: list[str],
@@ -86,7 +87,9 @@ def ingest_frames(
             len(plan.quarantined),
         )
         progress = Progress(
-            plan.n_to_ingest, "ingestion-progress", f"Ingesting {plan.n_to_ingest} frames into {store}"
+            plan.n_to_ingest,
+            artifact_key(INGESTION_PROGRESS, store),
+            f"Ingesting {plan.n_to_ingest} frames into {store}",
         )
         futures = [ingest_batch.submit(store, batch, strict) for batch in plan.batches]
         results = []
@@ -95,24 +98,31 @@ def ingest_frames(
             results.extend(batch_results)
             progress.advance(len(batch_results))
         progress.finish()
-        summary = finalize_ingestion(store, results)
-        summary.update(
-            skipped=len(plan.skipped),
-            quarantined_by_prepass=len(plan.quarantined),
-            quarantined=[{"path": p, "reason": q["reason"]} for p, q in plan.quarantined.items()]
-            + [{"path": r.path, "reason": r.reason} for r in results if r.reason],
-        )
-        publish_ingestion_summary(store, plan, summary, results)
+        summary = with_quarantines(finalize_ingestion(store, results), plan, results)
+        publish_ingestion_summary(store, plan, summary)
         return summary
 
 
-def ingest_new_frames(store: str, frames, catalog: str, catalog_table, strict: bool, lock_timeout) -> None:
+def with_quarantines(summary: dict, plan, results) -> dict:
+    """An ingestion's summary with what it skipped and every file it quarantined now, with the reason:
+    by the pre-pass (``plan``) or by a writer (``results``)."""
+    return summary | {
+        "skipped": len(plan.skipped),
+        "quarantined_by_prepass": len(plan.quarantined),
+        "quarantined": [{"path": p, "reason": q["reason"]} for p, q in plan.quarantined.items()]
+        + [{"path": r.path, "reason": r.reason} for r in results if r.reason],
+    }
+
+
+def ingest_new_frames(
+    store: str, frames, catalog: str, catalog_table, strict: bool, lock_timeout
+) -> dict | None:
     """Inside a flow that takes ``frames``: run the ``ingest-frames`` subflow when one of them is new or
     changed, or the catalog adds stars (the read-only ``ingestion-needed`` task decides), else log that
     the ingestion is left out. The subflow runs on the calling run's task runner (threads or the Dask
-    cluster)."""
+    cluster). Returns the subflow's summary, None when it did not run."""
     if not frames:
-        return
+        return None
     from prefect import get_run_logger
     from prefect.context import FlowRunContext
 
@@ -120,11 +130,11 @@ def ingest_new_frames(store: str, frames, catalog: str, catalog_table, strict: b
 
     if ingestion_needed(store, expand_frame_paths(frames), catalog_table):
         runner = FlowRunContext.get().task_runner.duplicate()
-        ingest_frames.with_options(task_runner=runner)(
+        return ingest_frames.with_options(task_runner=runner)(
             store=store, frames=frames, catalog=catalog, strict=strict, lock_timeout=lock_timeout
         )
-    else:
-        get_run_logger().info("no new or changed frame among %s: ingestion left out", frames)
+    get_run_logger().info("no new or changed frame among %s: ingestion left out", frames)
+    return None
 
 
 def run_ingest(store, frames, catalog=None, max_workers=None, dask_address=None, **kwargs) -> dict:

@@ -24,6 +24,7 @@ from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks.magfit import write_light_curves
 from tasks.master import products_intact
+from tasks.naming import artifact_key, flow_run_name
 
 from .master_photref import run_cached_step
 from .runners import make_task_runner, run_by_hand
@@ -46,7 +47,7 @@ def light_curves_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-@flow(name="light-curves", flow_run_name="light curves {store}", task_runner=make_task_runner())
+@flow(name="light-curves", flow_run_name=flow_run_name("light curves"), task_runner=make_task_runner())
 def export_light_curves(
     store: str,
     output: str | None = None,
@@ -106,7 +107,9 @@ def export_light_curves(
         " (unchanged)" if unchanged else "",
     )
     create_markdown_artifact(
-        light_curves_markdown(result), key="light-curves-summary", description=f"Light curves of {store}"
+        light_curves_markdown(result),
+        key=artifact_key("light-curves-summary", store),
+        description=f"Light curves of {store}",
     )
     return result
 

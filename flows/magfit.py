@@ -33,6 +33,7 @@ from photref_core.master.steps import validate_fit_terms
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks import magfit as tasks
+from tasks.naming import artifact_key, flow_run_name, master_changes
 
 from .ingest import ingest_new_frames
 from .master_photref import master_steps
@@ -66,7 +67,11 @@ def magfit_summary_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-@flow(name="magnitude-fitting", flow_run_name="magfit {output}", task_runner=make_task_runner())
+@flow(
+    name="magnitude-fitting",
+    flow_run_name=flow_run_name("magfit", lambda p: master_changes(p.get("master"))),
+    task_runner=make_task_runner(),
+)
 def magnitude_fitting(
     store: str,
     catalog: str,
@@ -168,7 +173,9 @@ def magnitude_fitting(
         )
         summary = tasks.finish_run(store, run_group, history, reason, output, final)
         create_markdown_artifact(
-            magfit_summary_markdown(summary), key="magfit-summary", description=f"Magnitude fitting {output}"
+            magfit_summary_markdown(summary),
+            key=artifact_key("magfit-summary", store),
+            description=f"Magnitude fitting {output}",
         )
         return summary
 

@@ -39,6 +39,7 @@ from photref_core.master.steps import statistics_path, validate_fit_terms
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks.master import compute_statistics, fit_statistics, group_exists, products_intact, write_products
+from tasks.naming import field_name, flow_run_name, master_changes
 
 from .artifacts import publish_master_artifacts
 from .ingest import ingest_new_frames
@@ -71,8 +72,9 @@ def master_steps(
 
     statistics, fit = compute_statistics, fit_statistics
     if label is not None:
-        statistics = statistics.with_options(task_run_name=f"statistics {label}")
-        fit = fit.with_options(task_run_name=f"scatter fit {label}")
+        field = field_name(store)
+        statistics = statistics.with_options(task_run_name=f"statistics {field} {label}")
+        fit = fit.with_options(task_run_name=f"scatter fit {field} {label}")
     stats_group, _ = run_cached_step(statistics, (store, params, block_bytes, data_group), has_group)
     fit_group, _ = run_cached_step(fit, (store, stats_group, catalog, params), has_group)
     products, unchanged = run_cached_step(
@@ -94,7 +96,11 @@ def run_cached_step(task, args: tuple, still_valid) -> tuple[object, bool]:
     return result, future.state.name == "Cached"
 
 
-@flow(name="master-photref", flow_run_name="master {output}", task_runner=make_task_runner())
+@flow(
+    name="master-photref",
+    flow_run_name=flow_run_name("master", lambda p: master_changes(p.get("params"))),
+    task_runner=make_task_runner(),
+)
 def build_master_photref(
     store: str,
     catalog: str,
@@ -135,7 +141,9 @@ def build_master_photref(
     Returns
     -------
     dict
-        Paths of the products and a per-photometry summary.
+        Paths of the products and a per-photometry summary; ``ingestion``: the ingestion subflow's
+        summary (None when it did not run); ``cached``: whether the products came from the cache;
+        ``written_by``: the id and name of the flow run that wrote them.
     """
     logger = get_run_logger()
     # One spelling of every path (a relative store path would miss the cache of an absolute one).
@@ -143,22 +151,25 @@ def build_master_photref(
     catalog_table = retry_transient(read_catalog, catalog)
     term_names = validate_fit_terms(params.fit_terms, catalog_table).term_names
     with store_run(store, timeout=lock_timeout):
-        ingest_new_frames(store, frames, catalog, catalog_table, strict, lock_timeout)
+        ingestion = ingest_new_frames(store, frames, catalog, catalog_table, strict, lock_timeout)
 
         _, _, products, unchanged = master_steps(
             store, catalog, output, params, block_mib, extra_header, plots
         )
+        products = products | {"ingestion": ingestion, "cached": unchanged}
         if unchanged:
+            logger.info("master %s unchanged (served from the cache)", products["master"])
+        else:
+            logger.info(
+                "master written to %s (%s)", products["master"], statistics_path(products["master"]).name
+            )
+        if unchanged and not (ingestion or {}).get("quarantined"):
             # Same products as the run that wrote them (their cache key covers every input), and that run
             # published their summary and table: the latest versions of these artifact keys. Publishing
-            # them again would add identical versions and cost a cached re-run a quarter of its time.
-            logger.info(
-                "master %s unchanged (served from the cache): no new artifact versions", products["master"]
-            )
+            # them again would add identical versions and cost a cached re-run a quarter of its time. (A
+            # run that quarantined a new frame publishes: its summary must say so.)
             return products
-        logger.info("master written to %s (%s)", products["master"], statistics_path(products["master"]).name)
-
-        publish_master_artifacts(products, params, term_names, output)
+        publish_master_artifacts(store, products, params, term_names, ingestion, bool(frames), block_mib)
         return products
 
 

@@ -23,18 +23,18 @@ the parameters can express) and by the flow engine when the run starts (the fit-
 from __future__ import annotations
 
 import math
-import os
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as runtime_flow_run
 from pydantic import ConfigDict, Field, field_validator
 
+from flows.artifacts import publish_nightly_summary
 from flows.master_photref import build_master_photref
 from flows.runners import make_task_runner
 from photref_core.master.outofcore import DEFAULT_BLOCK_MIB
 from photref_core.master.parameters import MasterParameters
+from tasks.naming import field_name
 
 __all__ = ["NightlySettings", "nightly_master"]
 
@@ -126,27 +126,12 @@ class NightlySettings(MasterParameters):
 
 
 def _run_name() -> str:
-    """``nightly <date> <master file>``: the scheduled date (UTC) and the master being rebuilt."""
+    """``nightly <date> <field>``: the scheduled date (UTC) and the field's store."""
     settings = runtime_flow_run.parameters.get("settings")
-    output = getattr(settings, "output", None) or (settings or {}).get("output", "?")
+    store = getattr(settings, "store", None) or (settings or {}).get("store", "?")
     when = runtime_flow_run.scheduled_start_time
     date = when.strftime("%Y-%m-%d") if when is not None else "now"
-    return f"nightly {date} {os.path.basename(str(output))}"
-
-
-def _summary_markdown(settings: NightlySettings, products: dict) -> str:
-    lines = [
-        f"# Nightly master `{os.path.basename(products['master'])}`",
-        "",
-        f"* frames: `{settings.frames_glob}` into `{settings.store}`",
-        f"* master: `{products['master']}`",
-        f"* statistics table: `{products['statistics']}`",
-        f"* frames included: {products['frames_included']}, excluded: {products['frames_excluded']}",
-        "",
-        "The ingestion and master summaries, tables and plots are artifacts of the `ingest-frames` and "
-        "`master-photref` subflow runs.",
-    ]
-    return "\n".join(lines)
+    return f"nightly {date} {field_name(store)}"
 
 
 @flow(name="nightly-master", flow_run_name=_run_name, validate_parameters=True)
@@ -178,9 +163,5 @@ def nightly_master(
     logger.info("nightly master of %s from %s", settings.store, settings.frames_glob)
     master = build_master_photref.with_options(task_runner=make_task_runner(max_workers, dask_address))
     products = master(**settings.master_parameters())
-    create_markdown_artifact(
-        _summary_markdown(settings, products),
-        key="nightly-master-summary",
-        description=f"Nightly master {settings.output}",
-    )
+    publish_nightly_summary(settings, products)
     return products

@@ -22,6 +22,7 @@ from prefect.futures import as_completed
 from photref_core.prf.parameters import PSF_ZERO_POINT, PRFParameters
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
+from tasks.naming import artifact_key, flow_run_name, prf_changes
 from tasks.prf import (
     add_psf_photometry,
     build_prf_model,
@@ -35,12 +36,16 @@ from tasks.prf import (
     write_prf_products,
 )
 
-from .artifacts import publish_prf_summary
+from .artifacts import PRF_PROGRESS, publish_prf_summary
 from .progress import Progress
 from .runners import make_task_runner, run_by_hand
 
 
-@flow(name="prf-photometry", flow_run_name="prf {store}", task_runner=make_task_runner())
+@flow(
+    name="prf-photometry",
+    flow_run_name=flow_run_name("prf", lambda p: prf_changes(p.get("params"))),
+    task_runner=make_task_runner(),
+)
 def solve_prf(
     store: str,
     images: list[str],
@@ -94,7 +99,7 @@ def solve_prf(
     dict
         Paths of the products, counts and the median fraction of the sources' PRF on the frames.
     """
-    from flows.ingest import expand_frame_paths
+    from flows.ingest import expand_frame_paths, with_quarantines
 
     # One spelling of every path (a relative store path would miss the cache of an absolute one).
     store, catalog, output = store_url(store), os.path.abspath(catalog), os.path.abspath(output)
@@ -104,13 +109,13 @@ def solve_prf(
         plan = plan_image_ingestion(store, expand_frame_paths(images), strict, frames_per_chunk)
         futures = [ingest_image_batch.submit(store, batch, strict) for batch in plan.batches]
         results = [r for f in futures for r in f.result()]
-        ingestion = finalize_image_ingestion(store, results)
+        ingestion = with_quarantines(finalize_image_ingestion(store, results), plan, results)
 
         key = prf_model_key(store, params, catalog)
         model_group = build_prf_model(store, catalog, params, key)
         flux_group = create_flux_arrays(store, model_group, key)
         chunks = frame_chunks(store)
-        progress = Progress(sum(map(len, chunks)), "prf-fit-progress", f"PRF fits of {store}")
+        progress = Progress(sum(map(len, chunks)), artifact_key(PRF_PROGRESS, store), f"PRF fits of {store}")
         fits = [fit_frame_chunk.submit(store, model_group, flux_group, s) for s in chunks]
         for future in as_completed(fits):
             progress.advance(future.result())
@@ -119,7 +124,7 @@ def solve_prf(
         if as_photometry:
             products["psf_photometry"] = add_psf_photometry(store, flux_group, zero_point, output_fluxes)
 
-    publish_prf_summary(store, output, plan, results, ingestion, products)
+    publish_prf_summary(store, output, plan, ingestion, products, params)
     return products | {"ingestion": ingestion}
 
 

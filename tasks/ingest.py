@@ -16,13 +16,19 @@ from photref_core.ingest import photometry
 from photref_core.store.frames import FrameBatch, FrameResult, IngestionPlan
 
 from .common import IO_RETRY
+from .naming import batch_task_name, field_name, field_task_name
+
+
+def _plan_name(parameters) -> str:
+    return f"plan {field_name(parameters['store'])} ({len(parameters['frame_paths'])} files)"
+
 
 __all__ = ["finalize_ingestion", "ingest_batch", "ingestion_needed", "plan_ingestion"]
 
 
 @task(
     name="plan-ingestion",
-    task_run_name="plan {store}",
+    task_run_name=_plan_name,
     cache_policy=NO_CACHE,
     **IO_RETRY,
 )
@@ -43,7 +49,7 @@ def plan_ingestion(
 
 @task(
     name="ingest-frame-chunk",
-    task_run_name="ingest chunk {batch.chunk} ({batch.frame_ids[0]}..)",
+    task_run_name=batch_task_name("ingest frames"),
     cache_policy=NO_CACHE,
     **IO_RETRY,
 )
@@ -52,13 +58,15 @@ def ingest_batch(store: str, batch: FrameBatch, strict: bool) -> list[FrameResul
     return photometry.ingest_batch(store, batch, strict=strict)
 
 
-@task(name="finalize-ingestion", task_run_name="finalize {store}", cache_policy=NO_CACHE)
+@task(name="finalize-ingestion", task_run_name=field_task_name("finalize"), cache_policy=NO_CACHE)
 def finalize_ingestion(store: str, results: list[FrameResult]) -> dict:
     """Record quarantines and the store's new content version."""
     return photometry.finalize_ingestion(store, results)
 
 
-@task(name="ingestion-needed", task_run_name="new frames? {store}", cache_policy=NO_CACHE, **IO_RETRY)
+@task(
+    name="ingestion-needed", task_run_name=field_task_name("new frames?"), cache_policy=NO_CACHE, **IO_RETRY
+)
 def ingestion_needed(store: str, frame_paths: list[str], catalog) -> bool:
     """Whether the ingestion has anything to do (a read-only check, much cheaper than its subflow run).
 

@@ -22,6 +22,24 @@ from photref_core.master.parameters import MasterParameters
 from photref_core.store.schema import open_store
 
 from .common import IO_RETRY
+from .naming import field_task_name
+
+
+def _iteration_name(what: str):
+    """A ``task_run_name`` function: ``<what> iter<k>`` (the iteration group's last component; the run
+    group before it is a hash, meaningless in the UI)."""
+
+    def name(parameters) -> str:
+        return f"{what} {parameters['iteration_group'].rsplit('/', 1)[-1]}"
+
+    return name
+
+
+def _fit_name(parameters) -> str:
+    start, stop = parameters["frames"]
+    iteration = parameters["iteration_group"].rsplit("/", 1)[-1]
+    return f"fit {iteration} frames {start}-{stop - 1}"
+
 
 __all__ = [
     "choose_reference_frame",
@@ -38,7 +56,7 @@ __all__ = [
 _READ = {"cache_policy": NO_CACHE, **IO_RETRY}
 
 
-@task(name="magfit-run", task_run_name="magfit run of {store}", **_READ)
+@task(name="magfit-run", task_run_name=field_task_name("magfit run of"), **_READ)
 def run_group(
     store: str, catalog: str, output: str, params: MagfitParameters, master: MasterParameters, strict: bool
 ) -> tuple[str, list[tuple[int, int]]]:
@@ -46,13 +64,13 @@ def run_group(
     return loop.magfit_run_key(store, catalog, output, params, master, strict), loop.frame_chunks(store)
 
 
-@task(name="magfit-finished", task_run_name="finished? {run_group}", **_READ)
+@task(name="magfit-finished", task_run_name=field_task_name("magfit finished?"), **_READ)
 def finished_run(store: str, run_group: str) -> dict | None:
     """The summary of the same loop finished before (products intact), or None."""
     return loop.finished_run(store, run_group)
 
 
-@task(name="reference-frame", task_run_name="reference frame of {store}", **_READ)
+@task(name="reference-frame", task_run_name=field_task_name("reference frame of"), **_READ)
 def choose_reference_frame(store: str, params: MagfitParameters) -> str:
     """FRAMEID of the first pass's reference frame."""
     return loop.choose_reference_frame(store, params)
@@ -64,7 +82,7 @@ def create_iteration(store: str, run_group: str, k: int, reference: dict) -> str
     return loop.create_iteration(store, run_group, k, reference)
 
 
-@task(name="magfit-frames", task_run_name="fit {iteration_group} frames {frames}", **_READ)
+@task(name="magfit-frames", task_run_name=_fit_name, **_READ)
 def fit_frame_chunk(
     store: str,
     iteration_group: str,
@@ -77,20 +95,20 @@ def fit_frame_chunk(
     return loop.fit_frame_chunk(store, iteration_group, catalog, params, tuple(frames), strict)
 
 
-@task(name="finish-iteration", task_run_name="finish {iteration_group}", **_READ)
+@task(name="finish-iteration", task_run_name=_iteration_name("finish"), **_READ)
 def finish_iteration(store: str, iteration_group: str, chunk_results: list[dict]) -> dict:
     """Record the iteration's quarantines; returns its summary."""
     return loop.finish_iteration(store, iteration_group, chunk_results)
 
 
-@task(name="master-change", task_run_name="master change {iteration_group}", **_READ)
+@task(name="master-change", task_run_name=_iteration_name("master change"), **_READ)
 def master_change(store: str, iteration_group: str, current: dict) -> list[float]:
     """Per photometry, the mean squared change of the master (mag^2): from the one the iteration was
     fitted against to the one built from it."""
     return loop.master_change(store, iteration_group, current)
 
 
-@task(name="finish-magfit", task_run_name="record {run_group}", **_READ)
+@task(name="finish-magfit", task_run_name=field_task_name("record magfit of"), **_READ)
 def finish_run(
     store: str, run_group: str, history: list[dict], reason: str, output: str, products: dict
 ) -> dict:
@@ -124,7 +142,7 @@ def _light_curves_key(context, parameters) -> str:
 
 @task(
     name="write-light-curves",
-    task_run_name="light curves of {store}",
+    task_run_name=field_task_name("light curves of"),
     cache_key_fn=_light_curves_key,
     **IO_RETRY,
 )

@@ -21,6 +21,7 @@ from photref_core.store import groups
 from photref_core.store.schema import open_store
 
 from .common import IO_RETRY
+from .naming import field_name, join_name, master_changes
 
 __all__ = ["compute_statistics", "fit_statistics", "group_exists", "products_intact", "write_products"]
 
@@ -65,9 +66,27 @@ def _products_key(context, parameters) -> str:
     )
 
 
+def _statistics_name(parameters) -> str:
+    return f"statistics {field_name(parameters['store'])}"
+
+
+def _fit_name(parameters) -> str:
+    return join_name("scatter fit", field_name(parameters["store"]), master_changes(parameters["params"]))
+
+
+def _products_name(parameters) -> str:
+    return f"write {os.path.basename(parameters['output'])}"
+
+
+def _check_name(parameters) -> str:
+    # "results/statistics-<key>" -> "check statistics": the key is a hash, meaningless in the UI.
+    kind = parameters["name"].rsplit("/", 1)[-1].split("-", 1)[0]
+    return f"check {kind} result"
+
+
 @task(
     name="statistics",
-    task_run_name="statistics {store}",
+    task_run_name=_statistics_name,
     cache_key_fn=_statistics_key,
     **IO_RETRY,
 )
@@ -93,7 +112,7 @@ def compute_statistics(
 
 @task(
     name="scatter-fit",
-    task_run_name="scatter fit {statistics_group}",
+    task_run_name=_fit_name,
     cache_key_fn=_fit_key,
     **IO_RETRY,
 )
@@ -104,7 +123,7 @@ def fit_statistics(store: str, statistics_group: str, catalog: str, params: Mast
 
 @task(
     name="master-products",
-    task_run_name="write {output}",
+    task_run_name=_products_name,
     cache_key_fn=_products_key,
     **IO_RETRY,
 )
@@ -119,8 +138,12 @@ def write_products(
     plots: bool = True,
     data_group: str | None = None,
 ) -> dict:
-    """Master FITS, statistics table and plots (atomic writes); returns their paths and a summary."""
-    return steps.write_products(
+    """Master FITS, statistics table and plots (atomic writes); returns their paths and a summary, and
+    (``written_by``) the id and name of the flow run that wrote them: a cached result keeps them, so a
+    later run served from the cache can name the run whose artifacts describe the products."""
+    from prefect.runtime import flow_run
+
+    products = steps.write_products(
         store,
         statistics_group,
         fit_group,
@@ -131,13 +154,14 @@ def write_products(
         plots=plots,
         data_group=data_group,
     )
+    return products | {"written_by": {"id": flow_run.id, "name": flow_run.name}}
 
 
 # The checks that a cached step's result is still there (a pruned store group, a deleted or overwritten
 # file): tasks, so that a transient read error is retried and the check shows in the UI.
 
 
-@task(name="result-exists", task_run_name="check {name}", cache_policy=NO_CACHE, **IO_RETRY)
+@task(name="result-exists", task_run_name=_check_name, cache_policy=NO_CACHE, **IO_RETRY)
 def group_exists(store: str, name: str) -> bool:
     """Whether a cached step's result group is still in the store."""
     return groups.group_exists(store, name)

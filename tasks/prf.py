@@ -17,6 +17,7 @@ from photref_core.prf import steps
 from photref_core.prf.parameters import PRFParameters
 
 from .common import IO_RETRY
+from .naming import batch_task_name, field_task_name, frame_range
 
 __all__ = [
     "add_psf_photometry",
@@ -32,21 +33,38 @@ __all__ = [
 ]
 
 
-@task(name="plan-image-ingestion", task_run_name="plan images {store}", cache_policy=NO_CACHE, **IO_RETRY)
+def _shape_model_name(parameters) -> str:
+    p: PRFParameters = parameters["params"]
+    return f'shape model r {p.rmin:g}-{p.rmax:g}" knots {p.n_r_knots}x{p.n_phi_knots}' + (
+        " + time model" if p.time_model else ""
+    )
+
+
+@task(
+    name="plan-image-ingestion",
+    task_run_name=field_task_name("plan images"),
+    cache_policy=NO_CACHE,
+    **IO_RETRY,
+)
 def plan_image_ingestion(store: str, images: list[str], strict: bool, frames_per_chunk: int):
     """Pre-pass over the new images; fix the pixel group's frame axis; cut writer batches."""
     return core_images.plan_image_ingestion(store, images, frames_per_chunk=frames_per_chunk, strict=strict)
 
 
 @task(
-    name="ingest-image-chunk", task_run_name="images chunk {batch.chunk}", cache_policy=NO_CACHE, **IO_RETRY
+    name="ingest-image-chunk",
+    task_run_name=batch_task_name("ingest images"),
+    cache_policy=NO_CACHE,
+    **IO_RETRY,
 )
 def ingest_image_batch(store: str, batch, strict: bool):
     """Write one frame chunk of images (its only writer)."""
     return core_images.ingest_image_batch(store, batch, strict=strict)
 
 
-@task(name="finalize-image-ingestion", cache_policy=NO_CACHE)
+@task(
+    name="finalize-image-ingestion", task_run_name=field_task_name("finalize images"), cache_policy=NO_CACHE
+)
 def finalize_image_ingestion(store: str, results: list) -> dict:
     """Record quarantines and the images' content version."""
     return core_images.finalize_image_ingestion(store, results)
@@ -56,25 +74,25 @@ def _model_key(context, parameters) -> str:
     return keys.prf_model_task_key(parameters["key"])
 
 
-@task(name="prf-model-key", task_run_name="model key {store}", cache_policy=NO_CACHE, **IO_RETRY)
+@task(name="prf-model-key", task_run_name=field_task_name("model key"), cache_policy=NO_CACHE, **IO_RETRY)
 def prf_model_key(store: str, params: PRFParameters, catalog: str) -> str:
     """The shape model's key: the images ingested (the store's content version), parameters, catalog."""
     return steps.prf_model_key(store, params, catalog)
 
 
-@task(name="frame-chunks", task_run_name="frame chunks {store}", cache_policy=NO_CACHE, **IO_RETRY)
+@task(name="frame-chunks", task_run_name=field_task_name("frame chunks"), cache_policy=NO_CACHE, **IO_RETRY)
 def frame_chunks(store: str) -> list[list[int]]:
     """The ingested frames' slots, one list per chunk of the pixel group: the fit fan-out's units."""
     return steps.frame_chunks(store)
 
 
-@task(name="prf-shape-model", task_run_name="shape model {key}", cache_key_fn=_model_key, **IO_RETRY)
+@task(name="prf-shape-model", task_run_name=_shape_model_name, cache_key_fn=_model_key, **IO_RETRY)
 def build_prf_model(store: str, catalog: str, params: PRFParameters, key: str) -> str:
     """Fit the field's shape model; returns its store group."""
     return steps.build_prf_model(store, catalog, params, key)
 
 
-@task(name="create-flux-arrays", cache_policy=NO_CACHE)
+@task(name="create-flux-arrays", task_run_name=field_task_name("flux arrays"), cache_policy=NO_CACHE)
 def create_flux_arrays(store: str, model_group: str, key: str) -> str:
     """Flux arrays at full size before the fit fan-out."""
     return steps.create_flux_arrays(store, model_group, key)
@@ -84,13 +102,21 @@ def _fit_key(context, parameters) -> str:
     return keys.prf_fit_task_key(parameters["flux_group"], parameters["slots"])
 
 
-@task(name="prf-fit-chunk", task_run_name="fit frames from {slots[0]}", cache_key_fn=_fit_key, **IO_RETRY)
+def _fit_name(parameters) -> str:
+    return f"fit frames {frame_range(parameters['slots'])}"
+
+
+@task(name="prf-fit-chunk", task_run_name=_fit_name, cache_key_fn=_fit_key, **IO_RETRY)
 def fit_frame_chunk(store: str, model_group: str, flux_group: str, slots: list[int]) -> int:
     """Fluxes of every source in one frame chunk (grouped sparse solve)."""
     return steps.fit_frame_chunk(store, model_group, flux_group, slots)
 
 
-@task(name="prf-products", task_run_name="write {output}", cache_policy=NO_CACHE, **IO_RETRY)
+def _products_name(parameters) -> str:
+    return f"write {os.path.basename(parameters['output'])}"
+
+
+@task(name="prf-products", task_run_name=_products_name, cache_policy=NO_CACHE, **IO_RETRY)
 def write_prf_products(
     store: str, model_group: str, flux_group: str, output: str, plot: bool, fluxes: str | None = None
 ) -> dict:
@@ -116,7 +142,7 @@ def write_prf_products(
         "flux_group": flux_group,
         "n_sources": int(model.nsources),
         "n_frames": int(len(table) // max(model.nsources, 1)),
-        "flagged": int((np.asarray(table["flag"]) != 0).sum()),
+        **steps.flux_table_figures(table),
         "median_source_psf_fraction": float(np.nanmedian(fraction)) if fraction.size else float("nan"),
     }
     if transforms is not None:
@@ -130,7 +156,10 @@ def write_prf_products(
 
 
 @task(
-    name="add-psf-photometry", task_run_name="psf photometry into {store}", cache_policy=NO_CACHE, **IO_RETRY
+    name="add-psf-photometry",
+    task_run_name=field_task_name("psf photometry into"),
+    cache_policy=NO_CACHE,
+    **IO_RETRY,
 )
 def add_psf_photometry(store: str, flux_group: str, zero_point: float, fluxes: str | None = None) -> dict:
     """PRF fluxes as magnitudes, added to the photometry store as one more photometry (idempotent)."""

@@ -26,13 +26,15 @@ def _grid(n: int):
 
 
 def plot_scatter_fits(results, params, path) -> Path:
-    """log10(scatter) against magnitude per photometry: stars in the fit, rejected, outside; the fit.
+    """log10(scatter) against magnitude per photometry: stars in the fit, rejected, outside; the fit, the
+    fit's rejection band and the master's cut (both from ``params.fit_outlier_threshold``).
 
     The fitted curve is drawn as the model evaluated at each star (sorted by magnitude), since the fit
     terms may depend on more than the magnitude.
     """
     nphot = results.sizes["photometry"]
     fig, axes = _grid(nphot)
+    average = np.median if params.fit_outlier_average == "median" else np.mean
     for p, ax in zip(range(nphot), axes, strict=False):
         r = results.isel(photometry=p)
         mag = r["magnitude"].values
@@ -49,11 +51,28 @@ def plot_scatter_fits(results, params, path) -> Path:
         ok = np.isfinite(model) & np.isfinite(mag)
         order = np.argsort(mag[ok])
         ax.plot(mag[ok][order], model[ok][order], c="k", lw=1, label="fit")
+        excess = r["scatter_excess"].values
+        finite = np.isfinite(excess)
+        if finite.any():
+            # The two rules of the threshold (scatter.fit_scatter): a star leaves the fit beyond
+            # +-thr x sqrt(avg r^2) of the stars kept, and enters the master below thr x avg |excess|.
+            kept = excess[finite & in_fit]
+            band = params.fit_outlier_threshold * math.sqrt(average(kept**2)) if kept.size else math.nan
+            cut = params.fit_outlier_threshold * average(np.abs(excess[finite]))
+            curve_x, curve = mag[ok][order], model[ok][order]
+            ax.plot(curve_x, curve + cut, c="tab:red", lw=1, ls="--", label=f"master cut +{cut:.3f} dex")
+            if np.isfinite(band):
+                ax.plot(curve_x, curve + band, c="0.3", lw=0.8, ls=":", label=f"fit rejection +-{band:.3f}")
+                ax.plot(curve_x, curve - band, c="0.3", lw=0.8, ls=":")
         ax.set_xlabel("magnitude")
         ax.set_ylabel(f"log10 {params.scatter_quantity}")
         ax.set_title(f"photometry {p}: {int(r['in_master'].sum())} stars in master")
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"Scatter fit: {params.fit_terms}", fontsize=10)
+    fig.suptitle(
+        f"Scatter fit: {params.fit_terms}; threshold {params.fit_outlier_threshold:g} x the "
+        f"{params.fit_outlier_average}",
+        fontsize=10,
+    )
     fig.tight_layout()
     path = Path(path)
     atomic_savefig(fig, path, dpi=90)

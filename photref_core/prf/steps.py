@@ -24,6 +24,7 @@ from ..ingest.images import GROUP, ingested_frames, load_images, open_image_grou
 from ..store.schema import open_group, open_store, store_exists
 from .model import PRFModel
 from .parameters import PSF_ZERO_POINT, TRANSFORM_TERMS, PRFParameters
+from .solver import FLAG_LOW_COVERAGE, FLAG_SOLVE_FAILED
 
 __all__ = [
     "FLUX_SETS",
@@ -33,6 +34,7 @@ __all__ = [
     "fit_frame_chunk",
     "flux_set",
     "flux_table",
+    "flux_table_figures",
     "frame_chunks",
     "load_prf_model",
     "prf_model_key",
@@ -221,6 +223,32 @@ def flux_table(store, flux_group: str, fluxes: str | None = None) -> Table:
     table["flag"] = flag.ravel().astype(np.int32)
     table.meta["FLUXSET"] = which
     return table
+
+
+#: Names of the flag bits of a flux table, for summaries.
+FLAG_NAMES = {FLAG_LOW_COVERAGE: "low coverage", FLAG_SOLVE_FAILED: "solve failed"}
+
+
+def flux_table_figures(table: Table) -> dict:
+    """A flux table in a few figures: the median relative error ``flux_err / flux`` of the unflagged,
+    positive fluxes, and how many (frame, source) values carry each flag bit.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        A :func:`flux_table`.
+
+    Returns
+    -------
+    dict
+        ``median_relative_error`` (NaN when no value qualifies), ``flagged`` (values with any flag) and
+        ``flag_counts`` (bit name -> count).
+    """
+    flux, err, flag = (np.asarray(table[c]) for c in ("flux", "flux_err", "flag"))
+    good = (flag == 0) & np.isfinite(flux) & (flux > 0) & np.isfinite(err)
+    median = float(np.median(err[good] / flux[good])) if good.any() else float("nan")
+    counts = {name: int(((flag & bit) != 0).sum()) for bit, name in FLAG_NAMES.items()}
+    return {"median_relative_error": median, "flagged": int((flag != 0).sum()), "flag_counts": counts}
 
 
 def transform_table(store, flux_group: str) -> Table | None:

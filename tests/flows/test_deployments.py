@@ -30,6 +30,14 @@ from pathlib import Path
 
 import pytest
 
+from flows.artifacts import (
+    INGESTION_PROGRESS,
+    INGESTION_SUMMARY,
+    MASTER_SUMMARY,
+    MASTER_TABLE,
+    NIGHTLY_SUMMARY,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect") if (BIN / "prefect").exists() else "prefect"
@@ -319,6 +327,12 @@ def test_prefect_yaml_parameters_are_the_flows_parameters():
         nightly_master.validate_parameters(bad)
 
 
+def _by_kind(artifacts) -> dict:
+    """Artifacts by kind: their keys are ``<kind>-<field slug>`` (flows.artifacts)."""
+    kinds = (NIGHTLY_SUMMARY, MASTER_SUMMARY, MASTER_TABLE, INGESTION_SUMMARY, INGESTION_PROGRESS)
+    return {kind: a for a in artifacts for kind in kinds if a.key and a.key.startswith(kind + "-")}
+
+
 def _import_serve():
     sys.path.insert(0, str(ROOT / "deployments"))
     try:
@@ -379,27 +393,21 @@ def test_serve_path_runs_the_nightly_master(served):
 
     flow_run = _run_deployment(url, SERVED_NIGHTLY, timeout=180)
     assert flow_run.state.is_completed(), f"{flow_run.state!r}\n{_tail(served['log'])}"
-    assert flow_run.name.startswith("nightly ") and flow_run.name.endswith("master.fits")
+    assert flow_run.name.startswith("nightly ") and flow_run.name.endswith(Path(served["store"]).name)
 
     runs, artifacts = _call(url, _run_tree_artifacts, flow_run.id)
     names = {r.name for r in runs}
     assert any(n.startswith("master ") for n in names) and any(n.startswith("ingest ") for n in names)
     assert all(r.state.is_completed() for r in runs)
-    by_key = {a.key: a for a in artifacts}
-    expected = {
-        "nightly-master-summary",
-        "master-photref-summary",
-        "master-photref-photometries",
-        "ingestion-summary",
-        "ingestion-progress",
-    }
-    assert expected <= set(by_key), sorted(by_key)
-    assert by_key["master-photref-summary"].type == "markdown"
-    assert served["output"] in by_key["master-photref-summary"].data
-    assert by_key["master-photref-photometries"].type == "table"
-    assert "stars_in_master" in by_key["master-photref-photometries"].data
-    assert "| ingested now | 12 |" in by_key["ingestion-summary"].data
-    assert float(by_key["ingestion-progress"].data) == 100.0
+    by_kind = _by_kind(artifacts)
+    expected = {NIGHTLY_SUMMARY, MASTER_SUMMARY, MASTER_TABLE, INGESTION_SUMMARY, INGESTION_PROGRESS}
+    assert expected <= set(by_kind), sorted(a.key for a in artifacts)
+    assert by_kind[MASTER_SUMMARY].type == "markdown"
+    assert served["output"] in by_kind[MASTER_SUMMARY].data
+    assert by_kind[MASTER_TABLE].type == "table"
+    assert "in master" in by_kind[MASTER_TABLE].data
+    assert "| ingested now | 12 |" in by_kind[INGESTION_SUMMARY].data
+    assert float(by_kind[INGESTION_PROGRESS].data) == 100.0
     assert Path(served["output"]).exists()
 
 
@@ -491,6 +499,5 @@ def test_worker_path_with_prefect_yaml(server, field, workdir):
             worker.wait(timeout=30)  # --run-once: it exits by itself once the run is done
     assert final.state.is_completed(), f"{final.state!r}\n{_tail(log)}"
     _, artifacts = _call(url, _run_tree_artifacts, flow_run.id)
-    keys = {a.key for a in artifacts}
-    assert {"nightly-master-summary", "master-photref-summary", "ingestion-summary"} <= keys
+    assert {NIGHTLY_SUMMARY, MASTER_SUMMARY, INGESTION_SUMMARY} <= set(_by_kind(artifacts))
     assert (out / "master.fits").exists() and (out / "master_stat.fits").exists()

@@ -201,7 +201,7 @@ def test_transient_store_write_errors_are_retried_by_the_tasks(
     summary = state.result()
     assert summary["ingested_now"] == len(rel_field.frames) and summary["quarantined_now"] == 0
     runs = task_runs(state.state_details.flow_run_id)
-    chunks = [r for r in runs if r["name"].startswith("ingest chunk ")]
+    chunks = [r for r in runs if r["name"].startswith("ingest frames ")]
     assert len(chunks) == len(rel_field.frames) // 8
     assert all(r["state"] == "Completed" and r["run_count"] == 2 for r in chunks), chunks
     assert sum(name == "mag_err" for name, _ in injector.failed) == len(chunks)
