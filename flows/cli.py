@@ -22,18 +22,29 @@ Every subcommand that runs a flow takes ``--max-workers`` and ``--dask-address``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import types
 import typing
 
+from flows.report import (
+    ingest_lines,
+    lightcurves_lines,
+    magfit_lines,
+    master_lines,
+    prf_lines,
+    print_result,
+)
 from photref_core.master.outofcore import DEFAULT_BLOCK_MIB
 from photref_core.master.parameters import MasterParameters
 from photref_core.prf.parameters import PRF_DEFAULTS, PSF_ZERO_POINT, TRANSFORM_TERMS
 
 
 def _runner_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that runs a flow: its task runner, and ``--json``."""
+    parser.add_argument(
+        "--json", action="store_true", help="print the whole result as JSON instead of a short summary"
+    )
     group = parser.add_argument_group("execution")
     group.add_argument("--max-workers", type=int, default=None, help="threads of the local task runner")
     group.add_argument(
@@ -127,6 +138,7 @@ def _cmd_simulate_images(args) -> int:
         n_stars=args.stars,
         size=args.size,
         pixscale=args.pixscale,
+        min_separation=args.min_separation,
         seed=args.seed,
     )
     print(f"wrote {len(out['paths'])} images; catalog: {out['catalog']}; truth: {out['truth']}")
@@ -136,7 +148,7 @@ def _cmd_simulate_images(args) -> int:
 def _cmd_ingest(args) -> int:
     from flows.ingest import run_ingest
 
-    summary = run_ingest(
+    state = run_ingest(
         args.store,
         args.frames,
         catalog=args.catalog,
@@ -145,15 +157,17 @@ def _cmd_ingest(args) -> int:
         frames_per_chunk=args.frames_per_chunk,
         max_workers=args.max_workers,
         dask_address=args.dask_address,
+        return_state=True,
     )
-    print(json.dumps(summary, indent=2, default=str))
+    summary = state.result()
+    print_result(summary, ingest_lines, args.json, state.state_details.flow_run_id)
     return 0
 
 
 def _cmd_master(args) -> int:
     from flows.master_photref import run_master
 
-    products = run_master(
+    state = run_master(
         args.store,
         args.catalog,
         args.output,
@@ -164,8 +178,10 @@ def _cmd_master(args) -> int:
         strict=args.strict,
         block_mib=args.block_mib,
         plots=not args.no_plots,
+        return_state=True,
     )
-    print(json.dumps(products, indent=2, default=str))
+    products = state.result()
+    print_result(products, master_lines, args.json, state.state_details.flow_run_id)
     return 0
 
 
@@ -173,7 +189,7 @@ def _cmd_magfit(args) -> int:
     from flows.magfit import run_magfit
     from photref_core.magfit.parameters import MagfitParameters
 
-    summary = run_magfit(
+    state = run_magfit(
         args.store,
         args.catalog,
         args.output,
@@ -185,15 +201,17 @@ def _cmd_magfit(args) -> int:
         strict=args.strict,
         block_mib=args.block_mib,
         plots=not args.no_plots,
+        return_state=True,
     )
-    print(json.dumps(summary, indent=2, default=str))
+    summary = state.result()
+    print_result(summary, magfit_lines, args.json, state.state_details.flow_run_id)
     return 0
 
 
 def _cmd_lightcurves(args) -> int:
     from flows.lightcurves import run_lightcurves
 
-    result = run_lightcurves(
+    state = run_lightcurves(
         args.store,
         args.output,
         max_workers=args.max_workers,
@@ -203,9 +221,11 @@ def _cmd_lightcurves(args) -> int:
         sources=args.sources,
         raw=args.raw,
         block_mib=args.block_mib,
+        return_state=True,
     )
+    result = state.result()
     result.pop("files", None)
-    print(json.dumps(result, indent=2, default=str))
+    print_result(result, lightcurves_lines, args.json, state.state_details.flow_run_id)
     return 0
 
 
@@ -246,7 +266,7 @@ def _cmd_prf(args) -> int:
         bin_data=args.bin_data or False,
         **{n: getattr(args, n) for n in names},
     )
-    products = run_prf(
+    state = run_prf(
         args.store,
         args.images,
         args.catalog,
@@ -259,8 +279,10 @@ def _cmd_prf(args) -> int:
         zero_point=args.zero_point,
         plot=not args.no_plot,
         output_fluxes=args.output_fluxes,
+        return_state=True,
     )
-    print(json.dumps(products, indent=2, default=str))
+    products = state.result()
+    print_result(products, prf_lines, args.json, state.state_details.flow_run_id)
     return 0
 
 

@@ -17,7 +17,7 @@ from prefect.futures import as_completed
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
 from tasks.ingest import finalize_ingestion, ingest_batch, plan_ingestion
-from tasks.naming import artifact_key, flow_run_name
+from tasks.naming import artifact_key, field_name, flow_run_name
 
 from .artifacts import INGESTION_PROGRESS, publish_ingestion_summary
 from .progress import Progress
@@ -86,18 +86,17 @@ def ingest_frames(
             len(plan.skipped),
             len(plan.quarantined),
         )
-        progress = Progress(
-            plan.n_to_ingest,
-            artifact_key(INGESTION_PROGRESS, store),
-            f"Ingesting {plan.n_to_ingest} frames into {store}",
-        )
         futures = [ingest_batch.submit(store, batch, strict) for batch in plan.batches]
         results = []
-        for future in as_completed(futures):
-            batch_results = future.result()
-            results.extend(batch_results)
-            progress.advance(len(batch_results))
-        progress.finish()
+        with Progress(
+            plan.n_to_ingest,
+            artifact_key(INGESTION_PROGRESS, store),
+            f"Ingesting {plan.n_to_ingest} frames into {field_name(store)}",
+        ) as progress:
+            for future in as_completed(futures):
+                batch_results = future.result()
+                results.extend(batch_results)
+                progress.advance(len(batch_results))
         summary = with_quarantines(finalize_ingestion(store, results), plan, results)
         publish_ingestion_summary(store, plan, summary)
         return summary

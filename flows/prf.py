@@ -22,7 +22,7 @@ from prefect.futures import as_completed
 from photref_core.prf.parameters import PSF_ZERO_POINT, PRFParameters
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
-from tasks.naming import artifact_key, flow_run_name, prf_changes
+from tasks.naming import artifact_key, field_name, flow_run_name, prf_changes
 from tasks.prf import (
     add_psf_photometry,
     build_prf_model,
@@ -115,11 +115,14 @@ def solve_prf(
         model_group = build_prf_model(store, catalog, params, key)
         flux_group = create_flux_arrays(store, model_group, key)
         chunks = frame_chunks(store)
-        progress = Progress(sum(map(len, chunks)), artifact_key(PRF_PROGRESS, store), f"PRF fits of {store}")
         fits = [fit_frame_chunk.submit(store, model_group, flux_group, s) for s in chunks]
-        for future in as_completed(fits):
-            progress.advance(future.result())
-        progress.finish()
+        n_frames = sum(map(len, chunks))
+        progress_key = artifact_key(PRF_PROGRESS, store)
+        with Progress(
+            n_frames, progress_key, f"PRF fits of {n_frames} frames of {field_name(store)}"
+        ) as progress:
+            for future in as_completed(fits):
+                progress.advance(future.result())
         products = write_prf_products(store, model_group, flux_group, output, plot, output_fluxes)
         if as_photometry:
             products["psf_photometry"] = add_psf_photometry(store, flux_group, zero_point, output_fluxes)

@@ -46,6 +46,8 @@ from prefect.results import get_default_result_storage
 from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.server import start_temporary_server
+
 DEFAULT_MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -94,6 +96,12 @@ def _temporary_server_url(dask_address: str) -> str:
     server = SubprocessASGIServer()
     server.start()
     return server.api_url
+
+
+def _temporary_server_needed() -> bool:
+    """Whether this process's runs go to Prefect's temporary server (no API URL, temporary mode on)."""
+    settings = get_current_settings()
+    return not settings.api.url and settings.server.ephemeral.enabled
 
 
 @contextlib.contextmanager
@@ -209,6 +217,8 @@ def run_by_hand(flow, max_workers: int | None = None, dask_address: str | None =
     **parameters
         The flow's parameters.
     """
+    if _temporary_server_needed():
+        start_temporary_server()
     with hand_run_settings(dask_address), api_client():
         persist = flow.persist_result
         if persist is None:

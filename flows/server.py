@@ -34,6 +34,7 @@ __all__ = [
     "running_server",
     "server_answers",
     "start_server",
+    "start_temporary_server",
     "stop_server",
 ]
 
@@ -173,6 +174,7 @@ def start_server(host: str = "127.0.0.1", port: int | None = None, timeout: floa
         raise RuntimeError(f"port {port} on {host} is in use; choose another with --port")
     prefect_home().mkdir(parents=True, exist_ok=True)
     env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(prefect_home())}
+    env |= _ui_settings(host, port)
     env.pop("PREFECT_API_URL", None)
     command = [*_prefect_command(), "server", "start", "--background", "--host", host, "--port", str(port)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -187,6 +189,73 @@ def start_server(host: str = "127.0.0.1", port: int | None = None, timeout: floa
         time.sleep(0.25)
     _state_path().write_text(json.dumps({"api_url": url, "pid": _server_pid(), "home": str(prefect_home())}))
     return url
+
+
+def _ui_settings(host: str, port: int) -> dict[str, str]:
+    """The server's own address, for its UI: the page calls the API named in its ``/ui-settings``, which
+    Prefect builds from ``PREFECT_SERVER_API_HOST`` / ``_PORT`` (default 127.0.0.1:4200), not from the
+    ``--port`` of ``prefect server start``; a server on another port served a UI that called port 4200.
+    A server listening on every interface gives this machine's name (a browser elsewhere cannot reach
+    0.0.0.0)."""
+    public = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+    return {
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"http://{public}:{port}/api",
+        "PREFECT_UI_URL": f"http://{public}:{port}",
+    }
+
+
+#: Seconds the temporary server is given to start: Prefect's own setting first, then this once more.
+TEMPORARY_SERVER_RETRY_TIMEOUT = 90
+
+
+def _temporary_server():
+    """Prefect's temporary server (one per process: what its client would start at the first API call)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    return SubprocessASGIServer()
+
+
+def start_temporary_server(temporary=None) -> str:
+    """Start Prefect's temporary server before a run needs it; a slow start is retried once.
+
+    On a loaded machine the server may not answer within Prefect's startup timeout
+    (``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``, 20 s), and Prefect's client then fails the
+    command with a traceback. Here the half-started server is stopped and started again with
+    :data:`TEMPORARY_SERVER_RETRY_TIMEOUT`; a second failure is a :class:`PhotrefError` that says what to
+    do instead.
+
+    Parameters
+    ----------
+    temporary : SubprocessASGIServer, optional
+        The server (default: the process's own).
+
+    Returns
+    -------
+    str
+        Its API URL.
+    """
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    from photref_core.errors import PhotrefError
+
+    temporary = temporary or _temporary_server()
+    first = int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    for timeout in (first, max(first, TEMPORARY_SERVER_RETRY_TIMEOUT)):
+        try:
+            temporary.start(timeout=timeout)
+        except RuntimeError as exc:
+            if "Timed out" not in str(exc):
+                raise
+            temporary.stop()
+            continue
+        return getattr(temporary, "api_url", "")
+    raise PhotrefError(
+        f"Prefect's temporary server did not start within {first} s, nor {TEMPORARY_SERVER_RETRY_TIMEOUT} s "
+        "on a second try (a loaded machine?): start a server once with `photref server start` (every "
+        "photref command then uses it), or set PREFECT_API_URL"
+    )
 
 
 def stop_server() -> bool:

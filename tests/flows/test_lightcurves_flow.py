@@ -41,6 +41,9 @@ def test_photref_lightcurves_writes_the_file_and_per_star_files(
 
     magnitude_fit(store, sim.catalog, tmp_path / "master.fits")
     assert main(command) == 0
+    text = capsys.readouterr().out  # a short summary for a person
+    assert text.startswith(f"light curves: {len(lc.light_curves(store))} measurements of 260 stars -> ")
+    assert main([*command, "--json"]) == 0  # everything, for a program
     result = json.loads(capsys.readouterr().out)
     expected = lc.light_curves(store)
     assert (result["format"], result["rows"], result["stars"]) == ("parquet", len(expected), 260)

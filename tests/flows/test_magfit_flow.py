@@ -45,7 +45,14 @@ def test_photref_magfit_runs_the_loop_as_a_user_would(prefect_server, tmp_path, 
         "--catalog",
         str(sim.catalog),
     ]
-    command += ["--output", str(output), "--magfit-terms", "O2{phot_g_mean_mag, x, y}", "--no-plots"]
+    command += [
+        "--output",
+        str(output),
+        "--magfit-terms",
+        "O2{phot_g_mean_mag, x, y}",
+        "--no-plots",
+        "--json",
+    ]
     assert main(command) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["converged"] and len(summary["iterations"]) == 3

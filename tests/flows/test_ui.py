@@ -349,3 +349,31 @@ def test_prf_names_and_artifacts(prefect_server, image_field, tmp_path):
     assert figures["median flux_err/flux"] == round_sig(products["median_relative_error"])
     assert figures["flag low coverage"] + figures["flag solve failed"] >= products["flagged"] >= 0
     assert figures["images quarantined now"] == 1
+
+
+def test_progress_shows_a_terminal_bar_and_the_artifact(prefect_server):
+    """A command run from a terminal shows the fan-out's progress there too; the artifact ends at 100 %."""
+    import io
+
+    from prefect import flow
+    from rich.console import Console
+
+    from flows.progress import Progress
+
+    stream = io.StringIO()
+    console = Console(file=stream, force_terminal=True, width=100)
+    key = artifact_key("test-progress", "/data/bar.zarr")
+
+    @flow
+    def fan_out() -> bool:
+        with Progress(3, key, "Ingesting 3 frames into bar.zarr", console=console) as progress:
+            for _ in range(3):
+                progress.advance(1)
+        quiet = Progress(2, key, "no terminal")  # stderr is not a terminal under pytest: no bar
+        quiet.finish()
+        return quiet._bar is None
+
+    assert fan_out()
+    text = stream.getvalue()
+    assert "Ingesting 3 frames into bar.zarr" in text and "3/3" in text
+    assert float(latest_artifact(key).data) == 100.0
