@@ -21,6 +21,7 @@ from photref_core.master.parameters import MasterParameters
 from tasks.naming import artifact_key, field_name
 
 __all__ = [
+    "IMAGE_PROGRESS",
     "INGESTION_PROGRESS",
     "INGESTION_SUMMARY",
     "MASTER_SUMMARY",
@@ -52,6 +53,7 @@ NIGHTLY_SUMMARY = "nightly-summary"
 PRF_SUMMARY = "prf-summary"
 PRF_TABLE = "prf-table"
 PRF_PROGRESS = "prf-fit-progress"
+IMAGE_PROGRESS = "image-ingestion-progress"
 
 #: The tag a run gets when it quarantined anything.
 QUARANTINE_TAG = "quarantined"

@@ -19,10 +19,10 @@ Every read of the store that decides what runs is a task (retried on transient I
 
 Every step is cached: an unchanged re-run returns at once; new frames change the store's content
 version, so the statistics and everything after them run again; a changed fit threshold re-runs only the
-scatter fit and the products. The summary and table artifacts are published by the run that writes the
-products; a run served from the cache logs that the master is unchanged and publishes nothing new (the
-artifacts of the run that wrote it stay the latest versions of their keys, unless another master was
-built since under the same keys).
+scatter fit and the products. The summary and table artifacts (keys per field) are published by the run
+that writes the products; a run served from the cache logs that the master is unchanged and publishes
+nothing new (the artifacts of the run that wrote it stay the latest versions of their keys), unless its
+ingestion quarantined a file: then its summary says so.
 """
 
 from __future__ import annotations

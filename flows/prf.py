@@ -36,7 +36,7 @@ from tasks.prf import (
     write_prf_products,
 )
 
-from .artifacts import PRF_PROGRESS, publish_prf_summary
+from .artifacts import IMAGE_PROGRESS, PRF_PROGRESS, publish_prf_summary
 from .progress import Progress
 from .runners import make_task_runner, run_by_hand
 
@@ -108,7 +108,16 @@ def solve_prf(
     with store_run(store, timeout=lock_timeout):
         plan = plan_image_ingestion(store, expand_frame_paths(images), strict, frames_per_chunk)
         futures = [ingest_image_batch.submit(store, batch, strict) for batch in plan.batches]
-        results = [r for f in futures for r in f.result()]
+        results = []
+        n_images = sum(len(batch.slots) for batch in plan.batches)
+        with Progress(
+            n_images,
+            artifact_key(IMAGE_PROGRESS, store),
+            f"Ingesting {n_images} images into {field_name(store)}",
+        ) as progress:
+            for future in as_completed(futures):
+                results.extend(future.result())
+                progress.advance(len(future.result()))
         ingestion = with_quarantines(finalize_image_ingestion(store, results), plan, results)
 
         key = prf_model_key(store, params, catalog)
