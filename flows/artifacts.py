@@ -17,6 +17,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run as runtime_flow_run
 
+from flows.report import flow_run_url
 from photref_core.master.parameters import MasterParameters
 from tasks.naming import artifact_key, field_name
 
@@ -73,15 +74,8 @@ def round_sig(value, digits: int = 4):
 
 
 def flow_run_link(run_id: str, name: str) -> str:
-    """A markdown link to a flow run's page in the UI (relative to the UI when no UI URL is configured)."""
-    from prefect.utilities.urls import url_for
-
-    url = None
-    try:
-        url = url_for("flow-run", obj_id=run_id)
-    except (ValueError, TypeError):  # no UI URL known
-        url = None
-    return f"[{name}]({url or f'/runs/flow-run/{run_id}'})"
+    """A markdown link to a flow run's page in the UI (relative to the UI when no address is known)."""
+    return f"[{name}]({flow_run_url(run_id) or f'/runs/flow-run/{run_id}'})"
 
 
 def tag_flow_run(tag: str) -> None:
@@ -218,12 +212,13 @@ def master_summary_markdown(
     products: dict,
     params: MasterParameters,
     term_names: list[str],
-    ingestion: dict | None = None,
     frames_given: bool = False,
     block_mib: float | None = None,
 ) -> str:
-    """The master's summary: what the ingestion did, the products, the parameters, per-photometry counts,
-    the quarantined files and the plots."""
+    """The master's summary: what the ingestion did (``products['ingestion']``, the ``ingest-frames``
+    summary, None when it did not run), the products, the parameters, per-photometry counts, the
+    quarantined files and the plots."""
+    ingestion = products.get("ingestion")
     bad = _quarantined(ingestion)
     lines = [
         f"# Master photometric reference `{Path(products['master']).name}` of `{field_name(store)}`",
@@ -277,15 +272,14 @@ def publish_master_artifacts(
     products: dict,
     params: MasterParameters,
     term_names: list[str],
-    ingestion: dict | None = None,
     frames_given: bool = False,
     block_mib: float | None = None,
 ) -> None:
     """The master's markdown summary (ingestion, parameters, counts, plots) and its per-photometry table.
     A run whose ingestion quarantined anything logs a warning and is tagged."""
-    _warn_and_tag(len(_quarantined(ingestion)), "master summary")
+    _warn_and_tag(len(_quarantined(products.get("ingestion"))), "master summary")
     create_markdown_artifact(
-        master_summary_markdown(store, products, params, term_names, ingestion, frames_given, block_mib),
+        master_summary_markdown(store, products, params, term_names, frames_given, block_mib),
         key=artifact_key(MASTER_SUMMARY, store),
         description=f"Master photometric reference of {field_name(store)}: {products['master']}",
     )

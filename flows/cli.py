@@ -145,88 +145,91 @@ def _cmd_simulate_images(args) -> int:
     return 0
 
 
+def _run_and_print(args, run, lines, *positional, hide=(), **parameters) -> int:
+    """Run a flow by hand (``run``: ``run_master``...) on the command's task runner, then print its result
+    (``lines``: the short summary; ``--json``: everything but the keys in ``hide``)."""
+    state = run(
+        *positional,
+        max_workers=args.max_workers,
+        dask_address=args.dask_address,
+        return_state=True,
+        **parameters,
+    )
+    result = {k: v for k, v in state.result().items() if k not in hide}
+    print_result(result, lines, args.json, state.state_details.flow_run_id)
+    return 0
+
+
 def _cmd_ingest(args) -> int:
     from flows.ingest import run_ingest
 
-    state = run_ingest(
+    return _run_and_print(
+        args,
+        run_ingest,
+        ingest_lines,
         args.store,
         args.frames,
         catalog=args.catalog,
         strict=args.strict,
         dtype=args.dtype,
         frames_per_chunk=args.frames_per_chunk,
-        max_workers=args.max_workers,
-        dask_address=args.dask_address,
-        return_state=True,
     )
-    summary = state.result()
-    print_result(summary, ingest_lines, args.json, state.state_details.flow_run_id)
-    return 0
 
 
 def _cmd_master(args) -> int:
     from flows.master_photref import run_master
 
-    state = run_master(
+    return _run_and_print(
+        args,
+        run_master,
+        master_lines,
         args.store,
         args.catalog,
         args.output,
-        max_workers=args.max_workers,
-        dask_address=args.dask_address,
         params=_parameters_from(MasterParameters, args),
         frames=args.frames,
         strict=args.strict,
         block_mib=args.block_mib,
         plots=not args.no_plots,
-        return_state=True,
     )
-    products = state.result()
-    print_result(products, master_lines, args.json, state.state_details.flow_run_id)
-    return 0
 
 
 def _cmd_magfit(args) -> int:
     from flows.magfit import run_magfit
     from photref_core.magfit.parameters import MagfitParameters
 
-    state = run_magfit(
+    return _run_and_print(
+        args,
+        run_magfit,
+        magfit_lines,
         args.store,
         args.catalog,
         args.output,
-        max_workers=args.max_workers,
-        dask_address=args.dask_address,
         params=_parameters_from(MagfitParameters, args),
         master=_parameters_from(MasterParameters, args),
         frames=args.frames or None,
         strict=args.strict,
         block_mib=args.block_mib,
         plots=not args.no_plots,
-        return_state=True,
     )
-    summary = state.result()
-    print_result(summary, magfit_lines, args.json, state.state_details.flow_run_id)
-    return 0
 
 
 def _cmd_lightcurves(args) -> int:
     from flows.lightcurves import run_lightcurves
 
-    state = run_lightcurves(
+    return _run_and_print(
+        args,
+        run_lightcurves,
+        lightcurves_lines,
         args.store,
         args.output,
-        max_workers=args.max_workers,
-        dask_address=args.dask_address,
+        hide=("files",),
         format=args.format,
         per_star=args.per_star,
         sources=args.sources,
         raw=args.raw,
         block_mib=args.block_mib,
-        return_state=True,
     )
-    result = state.result()
-    result.pop("files", None)
-    print_result(result, lightcurves_lines, args.json, state.state_details.flow_run_id)
-    return 0
 
 
 def _cmd_prf(args) -> int:
@@ -266,24 +269,21 @@ def _cmd_prf(args) -> int:
         bin_data=args.bin_data or False,
         **{n: getattr(args, n) for n in names},
     )
-    state = run_prf(
+    return _run_and_print(
+        args,
+        run_prf,
+        prf_lines,
         args.store,
         args.images,
         args.catalog,
         args.output,
-        max_workers=args.max_workers,
-        dask_address=args.dask_address,
         params=params,
         strict=args.strict,
         as_photometry=args.as_photometry,
         zero_point=args.zero_point,
         plot=not args.no_plot,
         output_fluxes=args.output_fluxes,
-        return_state=True,
     )
-    products = state.result()
-    print_result(products, prf_lines, args.json, state.state_details.flow_run_id)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

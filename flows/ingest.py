@@ -12,7 +12,6 @@ import os
 from collections.abc import Iterable
 
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
 
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
@@ -87,16 +86,12 @@ def ingest_frames(
             len(plan.quarantined),
         )
         futures = [ingest_batch.submit(store, batch, strict) for batch in plan.batches]
-        results = []
         with Progress(
             plan.n_to_ingest,
             artifact_key(INGESTION_PROGRESS, store),
             f"Ingesting {plan.n_to_ingest} frames into {field_name(store)}",
         ) as progress:
-            for future in as_completed(futures):
-                batch_results = future.result()
-                results.extend(batch_results)
-                progress.advance(len(batch_results))
+            results = progress.gather(futures)
         summary = with_quarantines(finalize_ingestion(store, results), plan, results)
         publish_ingestion_summary(store, plan, summary)
         return summary

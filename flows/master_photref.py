@@ -169,7 +169,7 @@ def build_master_photref(
             # them again would add identical versions and cost a cached re-run a quarter of its time. (A
             # run that quarantined a new frame publishes: its summary must say so.)
             return products
-        publish_master_artifacts(store, products, params, term_names, ingestion, bool(frames), block_mib)
+        publish_master_artifacts(store, products, params, term_names, bool(frames), block_mib)
         return products
 
 

@@ -108,16 +108,13 @@ def solve_prf(
     with store_run(store, timeout=lock_timeout):
         plan = plan_image_ingestion(store, expand_frame_paths(images), strict, frames_per_chunk)
         futures = [ingest_image_batch.submit(store, batch, strict) for batch in plan.batches]
-        results = []
         n_images = sum(len(batch.slots) for batch in plan.batches)
         with Progress(
             n_images,
             artifact_key(IMAGE_PROGRESS, store),
             f"Ingesting {n_images} images into {field_name(store)}",
         ) as progress:
-            for future in as_completed(futures):
-                results.extend(future.result())
-                progress.advance(len(future.result()))
+            results = progress.gather(futures)
         ingestion = with_quarantines(finalize_image_ingestion(store, results), plan, results)
 
         key = prf_model_key(store, params, catalog)

@@ -13,6 +13,7 @@ import sys
 import time
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
 
 
 class Progress:
@@ -73,6 +74,16 @@ class Progress:
         elif self._bar is not None:  # a failed fan-out: the terminal bar is closed where it stopped
             self._bar.stop()
             self._bar = None
+
+    def gather(self, futures) -> list:
+        """The results of writer-batch futures (each a list, one item per unit), in the order they
+        complete, advancing the progress by each batch's length."""
+        results = []
+        for future in as_completed(futures):
+            batch = future.result()
+            results.extend(batch)
+            self.advance(len(batch))
+        return results
 
     def finish(self) -> None:
         """Show 100 %, and close the terminal bar."""

@@ -12,6 +12,7 @@ import json
 import os
 
 __all__ = [
+    "flow_run_url",
     "ingest_lines",
     "lightcurves_lines",
     "magfit_lines",
@@ -25,12 +26,20 @@ __all__ = [
 _MAX_LISTED = 10
 
 
-def run_line(flow_run_id, api_url: str | None) -> str:
+def flow_run_url(flow_run_id) -> str | None:
+    """The UI page of a flow run (Prefect's ``url_for``: from ``PREFECT_UI_URL``, else the API's address);
+    None on the temporary server, whose address no setting names."""
+    from prefect.utilities.urls import url_for
+
+    return url_for("flow-run", obj_id=str(flow_run_id))
+
+
+def run_line(flow_run_id) -> str:
     """Where the run is: its name and UI link on a running server; on the temporary server, that it is
     gone with the command."""
-    name = _run_name(flow_run_id)
-    if api_url:
-        return f"run: {name}  {api_url.rstrip('/').removesuffix('/api')}/runs/flow-run/{flow_run_id}"
+    name, url = _run_name(flow_run_id), flow_run_url(flow_run_id)
+    if url:
+        return f"run: {name}  {url}"
     return (
         f"run: {name} (on a temporary Prefect server, gone with this command: `photref server start` keeps "
         "the runs and their artifacts in the UI)"
@@ -127,5 +136,5 @@ def print_result(result: dict, lines, as_json: bool, flow_run_id=None) -> None:
         return
     text = lines(result)
     if flow_run_id is not None:
-        text.append(run_line(flow_run_id, os.environ.get("PREFECT_API_URL")))
+        text.append(run_line(flow_run_id))
     print("\n".join(text))

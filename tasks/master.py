@@ -21,7 +21,7 @@ from photref_core.store import groups
 from photref_core.store.schema import open_store
 
 from .common import IO_RETRY
-from .naming import field_name, join_name, master_changes
+from .naming import field_name, join_name, master_changes, write_task_name
 
 __all__ = ["compute_statistics", "fit_statistics", "group_exists", "products_intact", "write_products"]
 
@@ -74,10 +74,6 @@ def _fit_name(parameters) -> str:
     return join_name("scatter fit", field_name(parameters["store"]), master_changes(parameters["params"]))
 
 
-def _products_name(parameters) -> str:
-    return f"write {os.path.basename(parameters['output'])}"
-
-
 def _check_name(parameters) -> str:
     # "results/statistics-<key>" -> "check statistics": the key is a hash, meaningless in the UI.
     kind = parameters["name"].rsplit("/", 1)[-1].split("-", 1)[0]
@@ -123,7 +119,7 @@ def fit_statistics(store: str, statistics_group: str, catalog: str, params: Mast
 
 @task(
     name="master-products",
-    task_run_name=_products_name,
+    task_run_name=write_task_name,
     cache_key_fn=_products_key,
     **IO_RETRY,
 )

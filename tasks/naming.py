@@ -35,6 +35,7 @@ __all__ = [
     "join_name",
     "master_changes",
     "prf_changes",
+    "write_task_name",
 ]
 
 #: Short names of the master parameters in run names, in the order shown (the others by their own name).
@@ -176,6 +177,11 @@ def field_task_name(what: str):
         return f"{what} {field_name(parameters['store'])}"
 
     return name
+
+
+def write_task_name(parameters) -> str:
+    """A ``task_run_name`` function: ``write <file name>`` from the task's ``output`` parameter."""
+    return f"write {os.path.basename(parameters['output'])}"
 
 
 def batch_task_name(what: str):

@@ -17,7 +17,7 @@ from photref_core.prf import steps
 from photref_core.prf.parameters import PRFParameters
 
 from .common import IO_RETRY
-from .naming import batch_task_name, field_task_name, frame_range
+from .naming import batch_task_name, field_task_name, frame_range, write_task_name
 
 __all__ = [
     "add_psf_photometry",
@@ -112,11 +112,7 @@ def fit_frame_chunk(store: str, model_group: str, flux_group: str, slots: list[i
     return steps.fit_frame_chunk(store, model_group, flux_group, slots)
 
 
-def _products_name(parameters) -> str:
-    return f"write {os.path.basename(parameters['output'])}"
-
-
-@task(name="prf-products", task_run_name=_products_name, cache_policy=NO_CACHE, **IO_RETRY)
+@task(name="prf-products", task_run_name=write_task_name, cache_policy=NO_CACHE, **IO_RETRY)
 def write_prf_products(
     store: str, model_group: str, flux_group: str, output: str, plot: bool, fluxes: str | None = None
 ) -> dict:
