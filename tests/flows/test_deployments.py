@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect") if (BIN / "prefect").exists() else "prefect"
 SERVED_NIGHTLY = "nightly-master/nightly-served"
+SERVED_MANUAL = "master-photref/manual-served"
 SERVED_CRON = "30 5 * * 1-5"  # not the default, to check that --cron reaches the server
 POOL = "photref-pool"
 
@@ -246,9 +247,11 @@ def served(server, field, workdir):
         cmd += [f"--{key}", str(value)]
     log = workdir / "serve.log"
     with _spawn(cmd, env, log) as proc:
-        _wait_for(
-            lambda: _call(url, _deployment_or_none, SERVED_NIGHTLY), 90, "the served deployment", proc, log
-        )
+        # serve() registers its deployments one after another: wait for each the tests use, not the first.
+        for name in (SERVED_NIGHTLY, SERVED_MANUAL):
+            _wait_for(
+                lambda name=name: _call(url, _deployment_or_none, name), 90, f"deployment {name}", proc, log
+            )
         yield {"url": url, "proc": proc, "log": log, **{k: str(v) for k, v in args.items()}}
 
 
@@ -389,7 +392,7 @@ def test_serve_path_runs_the_nightly_master(served):
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (SERVED_CRON, "UTC", True)
     assert deployment.parameters["settings"]["frames_glob"] == served["frames"]
     assert deployment.enforce_parameter_schema
-    assert _call(url, _deployment_or_none, "master-photref/manual-served") is not None
+    assert _call(url, _deployment_or_none, SERVED_MANUAL) is not None
 
     flow_run = _run_deployment(url, SERVED_NIGHTLY, timeout=180)
     assert flow_run.state.is_completed(), f"{flow_run.state!r}\n{_tail(served['log'])}"
