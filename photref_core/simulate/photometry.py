@@ -58,6 +58,8 @@ def simulate_photometry(
     photometries: int = 3,
     seed: int = 0,
     fmt: str = "fits",
+    lost_fraction: float = 0.01,
+    bad_error_fraction: float = 0.002,
 ) -> SimulatedPhotometry:
     """Write a simulated field: one photometry file per frame, a catalog and a truth table.
 
@@ -71,6 +73,12 @@ def simulate_photometry(
         Seed of the random generator: the same seed writes the same files.
     fmt : {'fits', 'ecsv', 'parquet'}
         Format of the frame files (the catalog and truth are always FITS).
+    lost_fraction : float
+        Fraction of the measurements written as NaN magnitudes (one photometry lost, the others kept).
+    bad_error_fraction : float
+        Fraction of the errors written as 0, -1 or NaN. ``lost_fraction=0, bad_error_fraction=0`` writes
+        frames in which every value is finite (what AutoWISP's collector needs to keep every star: it drops
+        a star from a frame when any of its photometries or errors is not finite).
 
     Returns
     -------
@@ -79,6 +87,8 @@ def simulate_photometry(
     """
     if frames < 1 or stars < 1 or photometries < 1:
         raise ValueError("frames, stars and photometries must all be at least 1")
+    if not (0 <= lost_fraction < 1 and 0 <= bad_error_fraction < 1):
+        raise ValueError("lost_fraction and bad_error_fraction must be in [0, 1)")
     if fmt not in ("fits", "ecsv", "parquet"):
         raise ValueError(f"fmt must be 'fits', 'ecsv' or 'parquet', not {fmt!r}")
     rng = np.random.default_rng(seed)
@@ -146,9 +156,9 @@ def simulate_photometry(
         mag[saturated[idx]] = np.round(true_mag[idx][saturated[idx]], 3)
         outlier = rng.random(mag.shape) < 0.015
         mag[outlier] += rng.choice([-1.0, 1.0], outlier.sum()) * rng.uniform(0.1, 2.0, outlier.sum())
-        lost = rng.random(mag.shape) < 0.01
+        lost = rng.random(mag.shape) < lost_fraction
         mag[lost] = np.nan
-        bad_err = rng.random(mag.shape) < 0.002
+        bad_err = rng.random(mag.shape) < bad_error_fraction
         mag_err[bad_err] = rng.choice([0.0, -1.0, np.nan], bad_err.sum())
         # Rows in no particular order, as a photometry code might write them.
         rows = rng.permutation(idx.size)
