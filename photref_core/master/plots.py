@@ -16,12 +16,14 @@ from .._atomic import atomic_savefig  # noqa: E402
 __all__ = ["plot_excess_histogram", "plot_scatter_fits"]
 
 
-def _grid(n: int):
+def _grid(n: int, **share):
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False, **share)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
+    for ax in axes.flat[max(0, n - cols) : n]:  # the lowest panel of each column shows its x tick labels
+        ax.tick_params(labelbottom=True)
     return fig, axes.flat
 
 
@@ -33,7 +35,7 @@ def plot_scatter_fits(results, params, path) -> Path:
     terms may depend on more than the magnitude.
     """
     nphot = results.sizes["photometry"]
-    fig, axes = _grid(nphot)
+    fig, axes = _grid(nphot, sharex=True, sharey=True)
     average = np.median if params.fit_outlier_average == "median" else np.mean
     for p, ax in zip(range(nphot), axes, strict=False):
         r = results.isel(photometry=p)
@@ -53,6 +55,9 @@ def plot_scatter_fits(results, params, path) -> Path:
         ax.plot(mag[ok][order], model[ok][order], c="k", lw=1, label="fit")
         excess = r["scatter_excess"].values
         finite = np.isfinite(excess)
+        # numpy, not an xarray reduction: the first xarray reduction in a process imports dask (~0.7 s) to
+        # ask whether the values are a dask array.
+        title = f"photometry {p}: {int(np.count_nonzero(r['in_master'].values))} in master"
         if finite.any():
             # The two rules of the threshold (scatter.fit_scatter): a star leaves the fit beyond
             # +-thr x sqrt(avg r^2) of the stars kept, and enters the master below thr x avg |excess|.
@@ -60,20 +65,25 @@ def plot_scatter_fits(results, params, path) -> Path:
             band = params.fit_outlier_threshold * math.sqrt(average(kept**2)) if kept.size else math.nan
             cut = params.fit_outlier_threshold * average(np.abs(excess[finite]))
             curve_x, curve = mag[ok][order], model[ok][order]
-            ax.plot(curve_x, curve + cut, c="tab:red", lw=1, ls="--", label=f"master cut +{cut:.3f} dex")
+            ax.plot(curve_x, curve + cut, c="tab:red", lw=1, ls="--", label="master cut")
+            title += f", cut +{cut:.3f}"
             if np.isfinite(band):
-                ax.plot(curve_x, curve + band, c="0.3", lw=0.8, ls=":", label=f"fit rejection +-{band:.3f}")
+                ax.plot(curve_x, curve + band, c="0.3", lw=0.8, ls=":", label="fit rejection band")
                 ax.plot(curve_x, curve - band, c="0.3", lw=0.8, ls=":")
-        ax.set_xlabel("magnitude")
-        ax.set_ylabel(f"log10 {params.scatter_quantity}")
-        ax.set_title(f"photometry {p}: {int(r['in_master'].sum())} stars in master")
-        ax.legend(fontsize=7, loc="upper left")
+                title += f", band +-{band:.3f}"
+        # A fixed title height (y=) skips matplotlib's search for one over every tick label, most of the
+        # drawing time of a grid of panels; one legend (the symbols are the same in every panel).
+        ax.set_title(title + (" dex" if finite.any() else ""), fontsize=8, y=1.0)
+        if p == 0:
+            ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(
         f"Scatter fit: {params.fit_terms}; threshold {params.fit_outlier_threshold:g} x the "
         f"{params.fit_outlier_average}",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.supxlabel("magnitude", fontsize=9)
+    fig.supylabel(f"log10 {params.scatter_quantity}", fontsize=9)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.92, wspace=0.08, hspace=0.3)
     path = Path(path)
     atomic_savefig(fig, path, dpi=90)
     plt.close(fig)
@@ -83,20 +93,23 @@ def plot_scatter_fits(results, params, path) -> Path:
 def plot_excess_histogram(results, params, path) -> Path:
     """Histogram of scatter_excess per photometry, with the master's one-sided cut."""
     nphot = results.sizes["photometry"]
-    fig, axes = _grid(nphot)
+    fig, axes = _grid(nphot, sharex=True)
     average = np.median if params.fit_outlier_average == "median" else np.mean
     for p, ax in zip(range(nphot), axes, strict=False):
         excess = results["scatter_excess"].values[:, p]
         finite = excess[np.isfinite(excess)]
         if finite.size:
-            ax.hist(finite, bins=60, color="tab:blue", alpha=0.8)
+            counts, edges = np.histogram(finite, bins=60)
+            ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.8)  # one artist, not 60 bars
             cut = params.fit_outlier_threshold * average(np.abs(finite))
-            ax.axvline(cut, c="tab:red", ls="--", label=f"cut {cut:.3f} dex")
-            ax.legend(fontsize=7)
-        ax.set_xlabel("scatter excess (dex)")
-        ax.set_ylabel("stars")
-        ax.set_title(f"photometry {p}")
-    fig.tight_layout()
+            ax.axvline(cut, c="tab:red", ls="--")
+            title = f"photometry {p}: master cut {cut:.3f} dex"
+        else:
+            title = f"photometry {p}: no finite excess"
+        ax.set_title(title, fontsize=9, y=1.0)
+    fig.supxlabel("scatter excess (dex); dashed: the master's cut", fontsize=9)
+    fig.supylabel("stars", fontsize=9)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.1, top=0.94, wspace=0.2, hspace=0.35)
     path = Path(path)
     atomic_savefig(fig, path, dpi=90)
     plt.close(fig)
