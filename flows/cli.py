@@ -488,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "needs_prefect", True):
         from flows.server import connect_to_server
 
-        connect_to_server()
+        # The temporary server's process starts now, its start overlapping the imports of the command;
+        # not for Dask workers, whose server is chosen with the task runner (flows.runners).
+        connect_to_server(launch_temporary=not getattr(args, "dask_address", None))
     from photref_core.errors import PhotrefError
 
     try:

@@ -37,8 +37,10 @@ def flow_run_url(flow_run_id) -> str | None:
 def run_line(flow_run_id) -> str:
     """Where the run is: its name and UI link on a running server; on the temporary server, that it is
     gone with the command."""
+    from flows.server import temporary_server_of_this_command
+
     name, url = _run_name(flow_run_id), flow_run_url(flow_run_id)
-    if url:
+    if url and temporary_server_of_this_command() is None:
         return f"run: {name}  {url}"
     return (
         f"run: {name} (on a temporary Prefect server, gone with this command: `photref server start` keeps "

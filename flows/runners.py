@@ -46,7 +46,7 @@ from prefect.results import get_default_result_storage
 from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.server import start_temporary_server
+from flows.server import start_temporary_server, temporary_server_of_this_command
 
 DEFAULT_MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
@@ -217,8 +217,8 @@ def run_by_hand(flow, max_workers: int | None = None, dask_address: str | None =
     **parameters
         The flow's parameters.
     """
-    if _temporary_server_needed():
-        start_temporary_server()
+    if _temporary_server_needed() or temporary_server_of_this_command():
+        start_temporary_server()  # a no-op wait once it answers
     with hand_run_settings(dask_address), api_client():
         persist = flow.persist_result
         if persist is None:

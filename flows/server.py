@@ -1,7 +1,11 @@
 """A persistent local Prefect server for photref: ``photref server start|stop|status``.
 
-Without a server, every ``photref`` command starts Prefect's temporary server and stops it at exit, 5-8 s
-of a run that may have nothing to do. ``photref server start`` runs ``prefect server start --background``
+Without a server, every ``photref`` command starts Prefect's temporary server and stops it at exit, 4-8 s
+of a run that may have nothing to do. The command starts that server's process first thing, before it
+imports Prefect and the flows (:class:`TemporaryServer`), so that its start overlaps the command's own ~2 s of
+imports, and without importing Prefect's server application into the command (another ~2 s).
+
+``photref server start`` runs ``prefect server start --background``
 on 127.0.0.1 for this ``PREFECT_HOME`` (one server per home) and records its address in
 ``$PREFECT_HOME/photref-server.json``; every later photref command with the same home finds it there,
 checks that it answers, and uses it (one line on stderr says so). When none answers, the command falls back
@@ -13,6 +17,7 @@ must be in the environment by then).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -29,6 +34,7 @@ from photref_core._atomic import pid_alive
 
 __all__ = [
     "DEFAULT_PORT",
+    "TemporaryServer",
     "connect_to_server",
     "prefect_home",
     "running_server",
@@ -36,6 +42,7 @@ __all__ = [
     "start_server",
     "start_temporary_server",
     "stop_server",
+    "temporary_server_of_this_command",
 ]
 
 DEFAULT_PORT = 4200
@@ -78,12 +85,15 @@ def _profile_sets_api_url() -> bool:
     return False
 
 
-def connect_to_server(stream=None) -> str | None:
+def connect_to_server(stream=None, launch_temporary: bool = False) -> str | None:
     """Point this process at a running Prefect server before Prefect starts, and say which one.
 
     ``PREFECT_API_URL`` (environment or profile) wins; else the server of ``photref server start`` for
     this home; else Prefect's temporary server, with a hint. Returns the API URL, None for the temporary
     server.
+
+    ``launch_temporary``: start the temporary server's process now (:func:`launch_temporary_server`) and
+    point ``PREFECT_API_URL`` at it; the first run waits until it answers.
     """
     stream = stream or sys.stderr  # looked up per call: a default bound at import goes stale
     url = os.environ.get("PREFECT_API_URL")
@@ -100,10 +110,12 @@ def connect_to_server(stream=None) -> str | None:
         print(f"photref: Prefect server {ui} (`photref server stop` ends it)", file=stream)
         return url
     print(
-        "photref: no Prefect server running; using a temporary one (about 5 s more a command; "
+        "photref: no Prefect server running; using a temporary one (about 4 s more a command; "
         "`photref server start` keeps one)",
         file=stream,
     )
+    if launch_temporary:
+        launch_temporary_server()
     return None
 
 
@@ -208,6 +220,98 @@ def _ui_settings(host: str, port: int) -> dict[str, str]:
 
 #: Seconds the temporary server is given to start: Prefect's own setting first, then this once more.
 TEMPORARY_SERVER_RETRY_TIMEOUT = 90
+#: Prefect's default of ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``.
+_PREFECT_STARTUP_TIMEOUT = 20
+#: The environment Prefect gives its own temporary server's process (``SubprocessASGIServer`` in
+#: ``prefect/server/api/server.py``, Prefect 3.8): no UI, and a server that knows it is temporary.
+_TEMPORARY_SERVER_ENV = {
+    "PREFECT_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+}
+
+
+class TemporaryServer:
+    """Prefect's temporary server for one ``photref`` command, started before the command imports Prefect.
+
+    The same process Prefect's ``SubprocessASGIServer`` runs (uvicorn serving Prefect's API application on a
+    free port of 127.0.0.1, with :data:`_TEMPORARY_SERVER_ENV`), and the same methods, so that
+    :func:`start_temporary_server` drives either: :meth:`launch` starts the process without waiting,
+    :meth:`start` waits until it answers, :meth:`stop` ends it. Prefect's class cannot be used this early:
+    importing it imports Prefect and its whole server application, ~3 s here, which is what this saves.
+
+    Parameters
+    ----------
+    command : list of str, optional
+        The server command (tests give a stand-in); default uvicorn with Prefect's application.
+    """
+
+    def __init__(self, command: list[str] | None = None):
+        self.port = _free_port("127.0.0.1")
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self._command = command
+        self._process: subprocess.Popen | None = None
+
+    def _server_command(self) -> list[str]:
+        if self._command is not None:
+            return self._command
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ]
+
+    def launch(self) -> None:
+        """Start the server's process (once) and return at once."""
+        if self._process is None:
+            self._process = subprocess.Popen(self._server_command(), env=os.environ | _TEMPORARY_SERVER_ENV)
+
+    def start(self, timeout: float | None = None) -> None:
+        """Launch the process if needed and wait until the API answers.
+
+        Raises
+        ------
+        RuntimeError
+            "Timed out ..." when it does not answer within ``timeout`` seconds (or its process ended).
+        """
+        self.launch()
+        deadline = time.monotonic() + (timeout or _PREFECT_STARTUP_TIMEOUT)
+        while not server_answers(self.api_url, timeout=1.0):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"Timed out while attempting to connect to the temporary Prefect server at {self.api_url}"
+                    + (
+                        f" (its process exited with {self._process.returncode})"
+                        if self._process.poll()
+                        else ""
+                    )
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """End the server's process (terminate, then kill after 5 s)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+_this_command: TemporaryServer | None = None
 
 
 def _temporary_server():
@@ -215,6 +319,23 @@ def _temporary_server():
     from prefect.server.api.server import SubprocessASGIServer
 
     return SubprocessASGIServer()
+
+
+def launch_temporary_server() -> TemporaryServer:
+    """Start this command's temporary server process now and point ``PREFECT_API_URL`` at it (before
+    Prefect reads its settings); it is stopped at exit. :func:`temporary_server_of_this_command` waits."""
+    global _this_command
+    server = TemporaryServer()
+    server.launch()
+    atexit.register(server.stop)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    _this_command = server
+    return server
+
+
+def temporary_server_of_this_command() -> TemporaryServer | None:
+    """The temporary server this command launched (None when it uses another server)."""
+    return _this_command
 
 
 def start_temporary_server(temporary=None) -> str:
@@ -228,8 +349,8 @@ def start_temporary_server(temporary=None) -> str:
 
     Parameters
     ----------
-    temporary : SubprocessASGIServer, optional
-        The server (default: the process's own).
+    temporary : SubprocessASGIServer or TemporaryServer, optional
+        The server (default: the one this command launched, else the process's own Prefect one).
 
     Returns
     -------
@@ -240,7 +361,7 @@ def start_temporary_server(temporary=None) -> str:
 
     from photref_core.errors import PhotrefError
 
-    temporary = temporary or _temporary_server()
+    temporary = temporary or _this_command or _temporary_server()
     first = int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     for timeout in (first, max(first, TEMPORARY_SERVER_RETRY_TIMEOUT)):
         try:
