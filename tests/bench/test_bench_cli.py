@@ -27,7 +27,7 @@ def test_bench_cli_photref_half_runs(tmp_path):
     results = json.loads((tmp_path / "results-8x40x2.json").read_text())
     for mode in ("processes, running server", "in process"):
         seconds = results[mode]
-        assert set(seconds) == {"ingest", "master", "cached master", "no-op ingest"}
+        assert set(seconds) == {"ingest", "master", "cached master", "no-op ingest", "master --frames"}
         assert all(value > 0 for value in seconds.values())
     assert "processes, temporary server" not in results and "autowisp" not in results
     assert results["photref masters identical"] is True
