@@ -208,7 +208,7 @@ print("SECONDS " + json.dumps(seconds))
 
 
 def photref_in_process(field: Field, work: Path, env: dict) -> dict:
-    """The same four steps as flows called in one process, timed inside it."""
+    """The same five steps as flows called in one process, timed inside it."""
     store, master = work / "in-process.zarr", work / "in-process-master.fits"
     shutil.rmtree(store, ignore_errors=True)
     shutil.rmtree(f"{store}-one", ignore_errors=True)
