@@ -268,9 +268,12 @@ def run_shape(shape: Shape, workdir: Path, modes: list[str], autowisp: bool) -> 
     """Run the phases of ``modes`` (keys of :data:`MODES`) and, when asked, AutoWISP; the figures."""
     field = simulated_field(shape, workdir)
     work = workdir / f"runs-{shape.tag}"
-    work.mkdir(parents=True, exist_ok=True)
     home = work / "prefect-home"
     subprocess.run([PHOTREF, "server", "stop"], env=photref_env(home), capture_output=True, cwd=REPO)
+    # Nothing from an earlier run: its Prefect home holds cached task results (with the products still on
+    # disk, a rebuilt store's master would be served from the cache and time nothing).
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     results: dict = {"shape": str(shape), "machine": machine_description(), "load_start": load_average()}
 
     warm_up(field, work, photref_env(home))
