@@ -292,7 +292,7 @@ class TemporaryServer:
                     f"Timed out while attempting to connect to the temporary Prefect server at {self.api_url}"
                     + (
                         f" (its process exited with {self._process.returncode})"
-                        if self._process.poll()
+                        if self._process.poll() is not None
                         else ""
                     )
                 )
