@@ -17,9 +17,20 @@ __all__ = ["plot_excess_histogram", "plot_scatter_fits"]
 
 
 def _grid(n: int, **share):
+    """A grid of ``n`` panels, at most 3 a row. Margins are fixed in inches (tight_layout measures every tick
+    label of every panel: most of the drawing time of a grid)."""
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False, **share)
+    width, height = 4.6 * cols, 3.6 * rows
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False, **share)
+    fig.subplots_adjust(
+        left=0.85 / width,
+        right=1 - 0.15 / width,
+        bottom=0.7 / height,
+        top=1 - 0.6 / height,
+        wspace=0.2,
+        hspace=0.3,
+    )
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     for ax in axes.flat[max(0, n - cols) : n]:  # the lowest panel of each column shows its x tick labels
@@ -83,7 +94,6 @@ def plot_scatter_fits(results, params, path) -> Path:
     )
     fig.supxlabel("magnitude", fontsize=9)
     fig.supylabel(f"log10 {params.scatter_quantity}", fontsize=9)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.92, wspace=0.08, hspace=0.3)
     path = Path(path)
     atomic_savefig(fig, path, dpi=90)
     plt.close(fig)
@@ -109,7 +119,6 @@ def plot_excess_histogram(results, params, path) -> Path:
         ax.set_title(title, fontsize=9, y=1.0)
     fig.supxlabel("scatter excess (dex); dashed: the master's cut", fontsize=9)
     fig.supylabel("stars", fontsize=9)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.1, top=0.94, wspace=0.2, hspace=0.35)
     path = Path(path)
     atomic_savefig(fig, path, dpi=90)
     plt.close(fig)
