@@ -70,8 +70,12 @@ def dense_reference(model, flux, err, mask, fit_background):
     return w, np.sqrt(np.diag(np.linalg.inv(M)))
 
 
+@pytest.mark.parametrize("solver", ["groups", "blocks"])
 @pytest.mark.parametrize("fit_background", [False, True])
-def test_grouped_solution_equals_dense_solve(tmp_path, fit_background, monkeypatch):
+def test_grouped_solution_equals_dense_solve(tmp_path, fit_background, solver, monkeypatch):
+    if solver == "blocks":  # every group of 2+ sources through the block elimination, blocks of 1+
+        monkeypatch.setattr(prf_solver, "BLOCK_MIN_GROUP", 1)
+        monkeypatch.setattr(prf_solver, "MIN_BLOCK", 1)
     sim_kw = dict(
         n_frames=3, n_stars=14, size=90, pixscale=0.11, seed=5, n_pairs=3, n_edge=2, min_separation=8
     )
@@ -79,6 +83,7 @@ def test_grouped_solution_equals_dense_solve(tmp_path, fit_background, monkeypat
     m = f["model"]
     plan = m.frames.plan()
     assert plan.n_groups < m.nsources  # overlapping groups exist
+    assert bool(plan.blocks) == (solver == "blocks")
     flux = f["flux"]
     res = m.fit(flux, f["err"], mask=f["mask"], return_model=True)
     for t in range(flux.shape[0]):
