@@ -38,7 +38,7 @@ from tasks.prf import (
 
 from .artifacts import IMAGE_PROGRESS, PRF_PROGRESS, publish_prf_summary
 from .progress import Progress
-from .runners import make_task_runner, run_by_hand
+from .runners import blas_threads_per_task, make_task_runner, run_by_hand
 
 
 @flow(
@@ -121,7 +121,9 @@ def solve_prf(
         model_group = build_prf_model(store, catalog, params, key)
         flux_group = create_flux_arrays(store, model_group, key)
         chunks = frame_chunks(store)
-        fits = [fit_frame_chunk.submit(store, model_group, flux_group, s) for s in chunks]
+        # BLAS threads set here, not by the user's OPENBLAS_NUM_THREADS: the cores shared out among the fits.
+        threads = blas_threads_per_task(len(chunks))
+        fits = [fit_frame_chunk.submit(store, model_group, flux_group, s, threads) for s in chunks]
         n_frames = sum(map(len, chunks))
         progress_key = artifact_key(PRF_PROGRESS, store)
         with Progress(

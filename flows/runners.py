@@ -47,8 +47,23 @@ from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.server import start_temporary_server, temporary_server_of_this_command
+from photref_core.blas import threads_per_task
 
 DEFAULT_MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def blas_threads_per_task(n_tasks: int) -> int:
+    """BLAS threads for each of ``n_tasks`` numeric tasks of the current flow run, run at once by its task
+    runner: the cores shared out among as many as its threads run together (one on Dask workers, whose
+    threads already fill their cores)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    runner = None if context is None else context.task_runner
+    workers = getattr(runner, "_max_workers", None) if isinstance(runner, ThreadPoolTaskRunner) else None
+    if runner is not None and workers is None:
+        return 1
+    return threads_per_task(min(max(1, n_tasks), workers or DEFAULT_MAX_WORKERS))
 
 
 def make_task_runner(max_workers: int | None = None, dask_address: str | None = None):

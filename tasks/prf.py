@@ -107,9 +107,11 @@ def _fit_name(parameters) -> str:
 
 
 @task(name="prf-fit-chunk", task_run_name=_fit_name, cache_key_fn=_fit_key, **IO_RETRY)
-def fit_frame_chunk(store: str, model_group: str, flux_group: str, slots: list[int]) -> int:
-    """Fluxes of every source in one frame chunk (grouped sparse solve)."""
-    return steps.fit_frame_chunk(store, model_group, flux_group, slots)
+def fit_frame_chunk(
+    store: str, model_group: str, flux_group: str, slots: list[int], blas_threads: int | None = None
+) -> int:
+    """Fluxes of every source in one frame chunk (grouped sparse solve, ``blas_threads`` BLAS threads)."""
+    return steps.fit_frame_chunk(store, model_group, flux_group, slots, blas_threads)
 
 
 @task(name="prf-products", task_run_name=write_task_name, cache_policy=NO_CACHE, **IO_RETRY)

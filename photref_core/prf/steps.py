@@ -10,6 +10,9 @@ array's ``terms`` attribute).
 from __future__ import annotations
 
 import os
+import threading
+import uuid
+from collections import OrderedDict
 
 import numpy as np
 from astropy.io import fits
@@ -17,11 +20,12 @@ from astropy.table import Table
 
 from .. import keys
 from .._atomic import atomic_writeto
+from ..blas import blas_threads
 from ..catalog import read_catalog
 from ..errors import BadInputError, StoreError
 from ..ingest.arrays import add_photometry
 from ..ingest.images import GROUP, ingested_frames, load_images, open_image_group
-from ..store.schema import open_group, open_store, store_exists
+from ..store.schema import open_group, open_store, store_exists, store_url
 from .model import PRFModel
 from .parameters import PSF_ZERO_POINT, TRANSFORM_TERMS, PRFParameters
 from .solver import FLAG_LOW_COVERAGE, FLAG_SOLVE_FAILED
@@ -38,6 +42,7 @@ __all__ = [
     "frame_chunks",
     "load_prf_model",
     "prf_model_key",
+    "shared_prf_model",
     "transform_table",
     "write_flux_table",
 ]
@@ -85,6 +90,7 @@ def build_prf_model(store, catalog_path, params: PRFParameters, key: str) -> str
             chunks = tuple(max(1, n) for n in v.shape)
             out.create_array(k, shape=v.shape, dtype=v.dtype, chunks=chunks)[...] = v
     out.attrs["scalars"] = scalars
+    out.attrs["build_id"] = uuid.uuid4().hex  # which build this is, for the processes' model caches
     return f"{GROUP}/{name}"
 
 
@@ -94,6 +100,47 @@ def load_prf_model(store, model_group: str) -> PRFModel:
     arrays = {k: np.asarray(a[...]) for k, a in group.arrays()}
     arrays.update({k: np.array(v) for k, v in group.attrs["scalars"].items()})
     return PRFModel.from_arrays(arrays)
+
+
+#: Shape models kept loaded per process by :func:`shared_prf_model` (each holds its solve plans, ~100 MB
+#: for 1,500 sources on 512x512).
+SHARED_MODELS = 2
+_SHARED = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_prf_model(store, model_group: str) -> PRFModel:
+    """The stored model of :func:`build_prf_model`, loaded once per process and build.
+
+    The fit tasks of a run share it, and with it the geometry, mean model and solve plan of each frame
+    WCS (:class:`~.cache.FrameModels`, locked): the plan, the costliest part of a crowded field's fit
+    (1-2 s for 1,500 sources on 512x512), is built by the first task and reused by every later one.
+    A rebuilt model (a new ``build_id``) is loaded afresh.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+    model_group : str
+        The model's group (``prf/model-<key>``).
+
+    Returns
+    -------
+    PRFModel
+        Shared: use it to fit, do not change it (its time model's per-frame state is not shareable:
+        :func:`fit_frame_chunk` loads its own copy for that).
+    """
+    build = open_group(store, path=model_group, mode="r").attrs.get("build_id")
+    key = (store_url(store), model_group)
+    with _SHARED_LOCK:
+        held = _SHARED.get(key)
+        if held is not None and held[0] == build and build is not None:
+            _SHARED.move_to_end(key)
+            return held[1]
+        model = load_prf_model(store, model_group)
+        _SHARED[key] = (build, model)
+        while len(_SHARED) > SHARED_MODELS:
+            _SHARED.popitem(last=False)
+        return model
 
 
 def create_flux_arrays(store, model_group: str, key: str) -> str:
@@ -149,33 +196,41 @@ def frame_chunks(store) -> list[list[int]]:
     return list(chunks.values())
 
 
-def fit_frame_chunk(store, model_group: str, flux_group: str, slots: list[int]) -> int:
+def fit_frame_chunk(
+    store, model_group: str, flux_group: str, slots: list[int], blas_threads_per_task: int | None = None
+) -> int:
     """Fit every source's flux in the frames ``slots`` (one frame chunk) and write their rows (both flux
-    sets and the transforms when the model has a time model)."""
+    sets and the transforms when the model has a time model).
+
+    The model is the process's shared one (:func:`shared_prf_model`); ``blas_threads_per_task`` limits
+    BLAS while the chunk is fitted (:func:`photref_core.blas.blas_threads`; ``None``: the library's
+    setting)."""
     group = open_image_group(store)
-    model = load_prf_model(store, model_group)
+    model = shared_prf_model(store, model_group)
     slots = np.asarray(sorted(int(s) for s in slots))
     cube, wcs = load_images(group, slots)
     lo, hi = int(slots[0]), int(slots[-1]) + 1
     rows = slots - lo
     # (rows, result) per flux set; the time model fits frames in time order, each from the previous one.
-    results = {
-        "static": (
-            rows,
-            model.fit(cube["flux"], cube["flux_err"], mask=cube["mask"], wcs=wcs, time_model=False),
-        )
-    }
-    if model.time_model is not None:
-        times = np.asarray(group["time"].get_orthogonal_selection((slots,)), dtype=float)
-        order = np.argsort(times, kind="stable")
-        result = model.fit(
-            cube["flux"][order],
-            cube["flux_err"][order],
-            mask=cube["mask"][order],
-            wcs=[wcs[i] for i in order],
-            times=times[order],
-        )
-        results["time"] = (rows[order], result)
+    with blas_threads(blas_threads_per_task):
+        results = {
+            "static": (
+                rows,
+                model.fit(cube["flux"], cube["flux_err"], mask=cube["mask"], wcs=wcs, time_model=False),
+            )
+        }
+        if model.time_model is not None:
+            own = load_prf_model(store, model_group)  # its per-frame transform state is this task's alone
+            times = np.asarray(group["time"].get_orthogonal_selection((slots,)), dtype=float)
+            order = np.argsort(times, kind="stable")
+            result = own.fit(
+                cube["flux"][order],
+                cube["flux_err"][order],
+                mask=cube["mask"][order],
+                wcs=[wcs[i] for i in order],
+                times=times[order],
+            )
+            results["time"] = (rows[order], result)
     out = open_group(store, path=flux_group, mode="r+")
     for which, (where, result) in results.items():
         for name, values in zip(FLUX_SETS[which], (result.flux, result.flux_err, result.flag), strict=True):

@@ -63,7 +63,7 @@ def run(store, paths, catalog, output, **kw):
     return state.result(), task_states(state.state_details.flow_run_id)
 
 
-def test_prf_flow_matches_core_and_is_cached(prefect_server, image_field, images, tmp_path):
+def test_prf_flow_matches_core_and_is_cached(prefect_server, image_field, images, tmp_path, monkeypatch):
     paths, catalog, truth = images
     store, output = tmp_path / "s.zarr", tmp_path / "fluxes.fits"
     products, states = run(store, paths, catalog, output)
@@ -122,6 +122,23 @@ def test_prf_flow_matches_core_and_is_cached(prefect_server, image_field, images
     ]
     assert len(rel) > 100 and np.median(np.abs(rel)) < 0.01
     assert Path(products["plot"]).exists()
+
+    # The fit tasks shared one loaded model and its solve plan: a further chunk fit in this process builds
+    # no plan and writes the same rows; a rebuilt model (new build id) is loaded afresh.
+    from photref_core.prf import cache, steps
+    from photref_core.store.schema import open_group
+
+    shared = steps.shared_prf_model(store, products["model_group"])
+    assert shared is steps.shared_prf_model(str(store), products["model_group"])
+    built = []
+    real_plan = cache.SolvePlan
+    monkeypatch.setattr(cache, "SolvePlan", lambda *a, **k: built.append(1) or real_plan(*a, **k))
+    steps.fit_frame_chunk(store, products["model_group"], products["flux_group"], [0, 1, 2], 1)
+    assert built == []
+    np.testing.assert_array_equal(Table.read(output)["flux"], table["flux"])
+    open_group(store, path=products["model_group"], mode="r+").attrs["build_id"] = "rebuilt"
+    assert steps.shared_prf_model(store, products["model_group"]) is not shared
+    monkeypatch.undo()
 
     # Unchanged re-run: the model and every fit come from the cache.
     again, states2 = run(store, paths, catalog, output)
