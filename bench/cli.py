@@ -219,15 +219,21 @@ def photref_in_process(field: Field, work: Path, env: dict) -> dict:
     return json.loads(next(line for line in out.splitlines() if line.startswith("SECONDS "))[8:])
 
 
-def task_seconds(api_url: str, home: Path, flow_run_id: str) -> dict[str, float]:
-    """Seconds of each task run of a flow run, read from the running server (names as the UI shows them)."""
+def task_runs(api_url: str, home: Path, flow_run_id: str) -> list:
+    """The finished task runs of a flow run, read from the running server, in start order (Prefect's
+    ``TaskRun`` objects: ``name`` as the UI shows it, ``start_time``, ``end_time``)."""
     os.environ |= photref_env(home, api_url)  # Prefect reads its settings when first imported
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    runs = sorted((r for r in runs if r.start_time and r.end_time), key=lambda r: r.start_time)
+    return sorted((r for r in runs if r.start_time and r.end_time), key=lambda r: r.start_time)
+
+
+def task_seconds(api_url: str, home: Path, flow_run_id: str) -> dict[str, float]:
+    """Seconds of each task run of a flow run, read from the running server (names as the UI shows them)."""
+    runs = task_runs(api_url, home, flow_run_id)
     return {r.name: (r.end_time - r.start_time).total_seconds() for r in runs}
 
 
