@@ -125,7 +125,7 @@ def write_prf_products(
     table = steps.flux_table(store, flux_group, fluxes)
     transforms = steps.transform_table(store, flux_group)
     table_path = steps.write_flux_table(store, output, table, transforms, model_group)
-    model = steps.load_prf_model(store, model_group)
+    model = steps.shared_prf_model(store, model_group)  # the fits' model: its geometry is built
     metrics = model.get_psf_metrics()
     plot_path = None
     if plot:

@@ -90,7 +90,10 @@ def build_prf_model(store, catalog_path, params: PRFParameters, key: str) -> str
             chunks = tuple(max(1, n) for n in v.shape)
             out.create_array(k, shape=v.shape, dtype=v.dtype, chunks=chunks)[...] = v
     out.attrs["scalars"] = scalars
-    out.attrs["build_id"] = uuid.uuid4().hex  # which build this is, for the processes' model caches
+    build_id = out.attrs["build_id"] = uuid.uuid4().hex  # which build this is, for the processes' caches
+    # The fit tasks of this process take the model as built: its geometry, model matrix and solve plan on
+    # the reference WCS are made already (~4 s for 1,500 sources on 512x512).
+    _share_model(store, f"{GROUP}/{name}", build_id, model)
     return f"{GROUP}/{name}"
 
 
@@ -106,7 +109,7 @@ def load_prf_model(store, model_group: str) -> PRFModel:
 #: for 1,500 sources on 512x512).
 SHARED_MODELS = 2
 _SHARED = OrderedDict()
-_SHARED_LOCK = threading.Lock()
+_SHARED_LOCK = threading.RLock()
 
 
 def shared_prf_model(store, model_group: str) -> PRFModel:
@@ -137,10 +140,17 @@ def shared_prf_model(store, model_group: str) -> PRFModel:
             _SHARED.move_to_end(key)
             return held[1]
         model = load_prf_model(store, model_group)
-        _SHARED[key] = (build, model)
+        _share_model(store, model_group, build, model)
+        return model
+
+
+def _share_model(store, model_group: str, build_id, model: PRFModel) -> None:
+    """Keep ``model`` as the process's shared one for its group and build (at most :data:`SHARED_MODELS`)."""
+    with _SHARED_LOCK:
+        _SHARED[(store_url(store), model_group)] = (build_id, model)
+        _SHARED.move_to_end((store_url(store), model_group))
         while len(_SHARED) > SHARED_MODELS:
             _SHARED.popitem(last=False)
-        return model
 
 
 def create_flux_arrays(store, model_group: str, key: str) -> str:
