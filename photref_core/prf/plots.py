@@ -8,8 +8,12 @@ from astropy.wcs.utils import proj_plane_pixel_area
 from .._atomic import atomic_savefig
 
 __all__ = [
+    "PLOT_POINTS",
     "plot_shape_model",
 ]
+
+#: Shape-fit points drawn at most (a random subset of the model's ``shape_data``; 30,000 points took 2.4 s).
+PLOT_POINTS = 8000
 
 
 def plot_shape_model(model, path, dpi=110):
@@ -35,6 +39,9 @@ def plot_shape_model(model, path, dpi=110):
     d = model.shape_data
     if d is None or d["r"].size == 0:
         raise ValueError("no shape-fit data to plot (build the model first)")
+    if d["r"].size > PLOT_POINTS:  # drawing the points is most of the plot's time; the pattern shows as well
+        keep = np.sort(np.random.default_rng(0).choice(d["r"].size, PLOT_POINTS, replace=False))
+        d = {k: np.asarray(v)[keep] for k, v in d.items()}
     sm = model.shape
     # Normalised model: log10 of the fraction of the source flux (inside rmax) in a pixel.
     lognorm = np.log10(proj_plane_pixel_area(model.wcs.celestial) * 3600.0**2 / sm.norm)
