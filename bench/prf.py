@@ -62,6 +62,7 @@ TARGET_FIT_FRACTION = 1 / 20  # photref's per-frame fit over psfmachine's
 PSFMACHINE_DEFAULT_SPARSE_DIST_LIM = 40.0  # arcsec: psfmachine's defaults are set for Kepler
 PSFMACHINE_RADIUS_LIMITS = (28.0, 4.5)  # its source mask's upper / lower radius limits at those defaults
 MODES = ("server", "temporary")
+LABELS = {"server": "running server", "temporary": "temporary server"}
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ def run(shape: Shape, workdir: Path, kernel: bool, peer: bool = True, modes=None
         peer_ids = [str(f) for f in fitted["fluxes"]["frame_id"]]
         results["psfmachine"]["accuracy"] = accuracy(sim, fitted["fluxes"], peer_ids)
     for mode in modes:
-        print(f"{shape}: photref prf, {mode} server ...", flush=True)
+        print(f"{shape}: photref prf, {LABELS[mode]} ...", flush=True)
         results[mode] = photref_process(sim, work, mode)
         fluxes = photref_fluxes(results[mode]["output"], source_ids, frame_ids)
         results[mode]["accuracy"] = accuracy(sim, fluxes, frame_ids)
@@ -299,7 +300,7 @@ def report(results: dict) -> None:
         )
     for mode in (m for m in MODES if m in results):
         r = results[mode]
-        line = f"photref prf, {mode} server: {r['process_s']:.1f} s"
+        line = f"photref prf, {LABELS[mode]}: {r['process_s']:.1f} s"
         if "phases" in r:
             line += " (" + ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items()) + " s)"
         if "server start s" in r:
@@ -310,10 +311,10 @@ def report(results: dict) -> None:
             fraction = results[mode]["process_s"] / pm["process_s"]
             target = f"; target <= 1/3: {'met' if fraction <= TARGET_FRACTION else 'MISSED'}"
             print(
-                f"photref / psfmachine, {mode} server: {fraction:.2f}"
+                f"photref / psfmachine, {LABELS[mode]}: {fraction:.2f}"
                 f" ({1 / fraction:.1f}x as fast{target if mode == 'server' else ''})"
             )
-    scored = [(f"photref ({mode} server)", results[mode]["accuracy"]) for mode in MODES if mode in results]
+    scored = [(f"photref ({LABELS[mode]})", results[mode]["accuracy"]) for mode in MODES if mode in results]
     if pm:
         scored.append(("psfmachine 1.1.4", pm["accuracy"]))
     rows = []

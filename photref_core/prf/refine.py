@@ -38,12 +38,12 @@ It stops when the largest weight change is below ``p.refine_tol`` dex, or after 
 ``block_bytes``, filled with one ``bincount``), so memory stays bounded on large frames; the normal
 matrix is ``nbasis x nbasis``. Dense BLAS work runs on one thread (threadpoolctl): the systems are small
 and thread oversubscription cost 100x on a 167 x 167 Cholesky. The sums over pixel blocks and cells are
-split over :data:`NORMAL_EQUATION_THREADS` Python threads instead.
+split over :data:`~.parameters.KERNEL_THREADS` Python threads instead (1.6 -> 1.2 s an iteration at
+1,500 sources on 512x512).
 """
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -54,17 +54,13 @@ from scipy.sparse.linalg import splu
 from threadpoolctl import threadpool_limits
 
 from .geometry import Geometry
+from .parameters import KERNEL_THREADS
 from .shape import ShapeModel, shape_prior, slot_log_values
 
 __all__ = ["JointPixels", "refine_shape"]
 
 _LN10 = np.log(10.0)
 _MAX_HALVINGS = 10
-
-#: Threads that form the normal equations (contiguous parts of the pixel blocks and of the cells, summed in
-#: a fixed order). Two gave 1.3x on 2 cores (1,500 sources on 512x512: 1.6 -> 1.2 s an iteration); much of
-#: the work holds the GIL (bincount, the per-cell loop), so more would add little.
-NORMAL_EQUATION_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 
 class JointPixels:
@@ -102,7 +98,7 @@ class JointPixels:
         self.pc, self.pv = pc.astype(np.int16), pv
         self.nbasis = sm.nbasis
         self.shape = sm
-        self.threads = NORMAL_EQUATION_THREADS  # threads that form the normal equations
+        self.threads = KERNEL_THREADS  # threads that form the normal equations
         # Cells: pairs with the same 16 basis columns (4 radial x 4 angular slots; phi-free functions
         # repeat their column). A pair's columns are its cell's, and sums over pairs are small dense
         # products per cell.
