@@ -55,6 +55,7 @@ except ModuleNotFoundError:  # run as ``python bench/prf.py``: bench/ is on sys.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench._common import REPO, load_average, machine_description, print_table
 from bench.cli import PHOTREF, photref_env, task_runs, timed_process
+from bench.prf_accuracy import read_fluxes
 
 DRIVER = REPO / "bench" / "peers" / "psfmachine_fit.py"
 TARGET_FRACTION = 1 / 3  # photref's process time over psfmachine's, running server, full shape
@@ -174,19 +175,6 @@ def photref_process(sim: dict, work: Path, mode: str) -> dict:
     return result
 
 
-def photref_fluxes(path: str, source_ids, frame_ids) -> dict:
-    """A photref flux table as (frames x sources) arrays in the given order."""
-    table = Table.read(path, hdu="FLUXES")
-    row = {f: k for k, f in enumerate(frame_ids)}
-    col = {int(s): k for k, s in enumerate(source_ids)}
-    flux = np.full((len(frame_ids), len(source_ids)), np.nan)
-    err = np.full_like(flux, np.nan)
-    t = np.array([row[str(f)] for f in table["frame_id"]])
-    s = np.array([col[int(i)] for i in table["source_id"]])
-    flux[t, s], err[t, s] = table["flux"], table["flux_err"]
-    return {"flux": flux, "flux_err": err}
-
-
 def accuracy(sim: dict, fluxes: dict, frame_ids) -> dict:
     """Scores against the truth (``fields.score_fluxes``) and the scatter of isolated stars once their
     median scale is divided out."""
@@ -276,8 +264,8 @@ def run(shape: Shape, workdir: Path, kernel: bool, peer: bool = True, modes=None
     for mode in modes:
         print(f"{shape}: photref prf, {LABELS[mode]} ...", flush=True)
         results[mode] = photref_process(sim, work, mode)
-        fluxes = photref_fluxes(results[mode]["output"], source_ids, frame_ids)
-        results[mode]["accuracy"] = accuracy(sim, fluxes, frame_ids)
+        flux, err = read_fluxes(results[mode]["output"], frame_ids, source_ids)
+        results[mode]["accuracy"] = accuracy(sim, {"flux": flux, "flux_err": err}, frame_ids)
     if kernel and "server" in modes:
         print(f"{shape}: in-process kernel ...", flush=True)
         results["kernel"] = kernel_figures(sim, results["server"]["store"])
