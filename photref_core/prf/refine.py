@@ -98,7 +98,6 @@ class JointPixels:
         self.pc, self.pv = pc.astype(np.int16), pv
         self.nbasis = sm.nbasis
         self.shape = sm
-        self.threads = KERNEL_THREADS  # threads that form the normal equations
         # Cells: pairs with the same 16 basis columns (4 radial x 4 angular slots; phi-free functions
         # repeat their column). A pair's columns are its cell's, and sums over pairs are small dense
         # products per cell.
@@ -230,7 +229,7 @@ class JointPixels:
 
         # Both sums split in contiguous parts over the threads (numpy and BLAS release the GIL in the
         # heavy steps); the parts are added in a fixed order, so the result does not depend on timing.
-        n = max(1, int(self.threads))
+        n = KERNEL_THREADS
         jobs = [(gauss_newton, part) for part in _split(blocks, n)]
         n_gn = len(jobs)
         jobs += [(newton, part) for part in _split(cells, n)]

@@ -127,14 +127,15 @@ class SolvePlan:
         del first, second, pair, order
         self.refresh(X)
         self._build_groups(
+            G,
             BLOCK_MIN_GROUP if block_min_group is None else int(block_min_group),
             MIN_BLOCK if min_block is None else int(min_block),
         )
 
-    def _build_groups(self, block_min_group: int, min_block: int):
-        """Connected groups of overlapping sources, small ones by size class, large ones by blocks."""
+    def _build_groups(self, G, block_min_group: int, min_block: int):
+        """Connected groups of overlapping sources (``G``: the overlap graph's upper triangle), small ones by
+        size class, large ones by blocks."""
         ns = self.nsrc
-        G = sparse.csr_array((np.ones(self.pair_i.size), (self.pair_i, self.pair_j)), shape=(ns, ns))
         self.n_groups, labels = connected_components(G, directed=False)
         self.labels = labels
         sizes = np.bincount(labels, minlength=self.n_groups)
@@ -257,7 +258,6 @@ def _solve_class(cl, Av, isig2, rhs, sol, var, failed):
     dense (groups, frames, k, k) batches, in frame passes of bounded memory."""
     k, mem = cl["k"], cl["members"]
     ng, T = mem.shape[0], rhs.shape[1]
-    d = np.arange(k)
     step = max(1, _SOLVE_CHUNK // (ng * k * k))
     for t0 in range(0, T, step):
         tt = slice(t0, min(T, t0 + step))
@@ -266,15 +266,9 @@ def _solve_class(cl, Av, isig2, rhs, sol, var, failed):
         values = Av[cl["pidx"], tt]
         M[cl["gpos"], :, cl["li"], cl["lj"]] = values
         M[cl["gpos"], :, cl["lj"], cl["li"]] = values
-        M[:, :, d, d] += isig2[mem][:, None, :]
-        dead = M[:, :, d, d] == 0  # no good pixel and no prior: decoupled, no information
-        M[:, :, d, d] += dead
+        dead = _add_prior(M, isig2[mem][:, None, :])
         R = np.moveaxis(rhs[mem, tt], 2, 1) * ~dead[..., None]  # (ng, nt, k, m)
-        try:
-            Minv = np.linalg.inv(M)
-            bad = ~np.isfinite(Minv).all(axis=(2, 3))
-        except np.linalg.LinAlgError:
-            Minv, bad = _inv_each(M)
+        Minv, bad = _invert(M)
         sol[mem, tt] = np.moveaxis(Minv @ R, 1, 2)
         var[mem, tt] = np.moveaxis(np.diagonal(Minv, axis1=2, axis2=3), 1, 2)
         failed[mem, tt] = np.moveaxis(dead | bad[:, :, None], 1, 2)
@@ -360,12 +354,8 @@ class _BlockGroup:
             Dk = np.zeros((nt, b, b))
             Dk[:, i, j] = Av[rows].T
             Dk[:, j, i] = Av[rows].T
-            d = np.arange(b)
-            Dk[:, d, d] += prior[b0 : b0 + b]
-            deadk = Dk[:, d, d] == 0  # no good pixel and no prior: decoupled (its whole row is zero)
-            Dk[:, d, d] += deadk
+            dead.append(_add_prior(Dk, prior[b0 : b0 + b]))
             D.append(Dk)
-            dead.append(deadk)
             if k:
                 rows, i, j = self.lower[k - 1]
                 Lk = np.zeros((nt, b, self.sizes[k - 1]))
@@ -381,7 +371,7 @@ class _BlockGroup:
                 LS = L[k] @ Sinv[k - 1]
                 S = S - LS @ np.swapaxes(L[k], 1, 2)
                 y = y - LS @ Y[k - 1]
-            inv, failed = _inv_frames(S)
+            inv, failed = _invert(S)
             bad |= failed
             Sinv.append(inv)
             Y.append(y)
@@ -402,14 +392,30 @@ class _BlockGroup:
         return np.moveaxis(X, 0, 1), V.T, flagged.T
 
 
-def _inv_frames(S):
-    """Invert a (frames, b, b) stack; frames whose matrix is singular give NaN and are reported."""
+def _add_prior(M, prior):
+    """Add the prior precisions to the diagonals of a stack of normal matrices (..., k, k). A source with
+    neither a good pixel nor a prior (a zero diagonal: its whole row is zero) gets 1 there, decoupled, no
+    information; returns where (..., k)."""
+    d = np.arange(M.shape[-1])
+    M[..., d, d] += prior
+    dead = M[..., d, d] == 0
+    M[..., d, d] += dead
+    return dead
+
+
+def _invert(M):
+    """Invert a stack of matrices (..., k, k); those singular or with a non-finite inverse give NaN and are
+    reported (..., bool)."""
     try:
-        inv = np.linalg.inv(S)
-        return inv, ~np.isfinite(inv).all(axis=(1, 2))
-    except np.linalg.LinAlgError:
-        out, bad = _inv_each(S[:, None])
-        return out[:, 0], bad[:, 0]
+        inv = np.linalg.inv(M)
+    except np.linalg.LinAlgError:  # one singular matrix fails the whole batch: one at a time
+        inv = np.full_like(M, np.nan)
+        for index in np.ndindex(M.shape[:-2]):
+            try:
+                inv[index] = np.linalg.inv(M[index])
+            except np.linalg.LinAlgError:
+                pass
+    return inv, ~np.isfinite(inv).all(axis=(-2, -1))
 
 
 def same_pattern(plan, X) -> bool:
@@ -420,19 +426,6 @@ def same_pattern(plan, X) -> bool:
         and np.array_equal(X.indptr, indptr)
         and np.array_equal(X.indices, indices)
     )
-
-
-def _inv_each(M):
-    """Invert a (g, t, k, k) stack one matrix at a time; singular ones become NaN."""
-    out = np.full_like(M, np.nan)
-    bad = np.zeros(M.shape[:2], bool)
-    for g in range(M.shape[0]):
-        for t in range(M.shape[1]):
-            try:
-                out[g, t] = np.linalg.inv(M[g, t])
-            except np.linalg.LinAlgError:
-                bad[g, t] = True
-    return out, bad | ~np.isfinite(out).all(axis=(2, 3))
 
 
 @dataclass(eq=False)

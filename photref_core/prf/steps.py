@@ -146,9 +146,10 @@ def shared_prf_model(store, model_group: str) -> PRFModel:
 
 def _share_model(store, model_group: str, build_id, model: PRFModel) -> None:
     """Keep ``model`` as the process's shared one for its group and build (at most :data:`SHARED_MODELS`)."""
+    key = (store_url(store), model_group)
     with _SHARED_LOCK:
-        _SHARED[(store_url(store), model_group)] = (build_id, model)
-        _SHARED.move_to_end((store_url(store), model_group))
+        _SHARED[key] = (build_id, model)
+        _SHARED.move_to_end(key)
         while len(_SHARED) > SHARED_MODELS:
             _SHARED.popitem(last=False)
 
