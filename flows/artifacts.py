@@ -361,9 +361,20 @@ def publish_prf_summary(store: str, output, plan, ingestion: dict, products: dic
         lines.append(
             f"* time model: `{tm['transform']}` transform per frame; range over the frames (px): {ranges}"
         )
+    residuals = products.get("residuals")
+    if residuals:
+        lines.append(
+            f"* reference frame (mean of {residuals['frames']} frame(s)): chi^2/dof over "
+            f"{residuals['source_pixels']} source pixels {residuals['chi2_per_dof']:.4g}, robust "
+            f"{residuals['robust_chi2_per_dof']:.4g} (1: the pixels explained within their errors)"
+        )
+    if products.get("model_images"):
+        lines.append(f"* model and residual images: `{products['model_images']}`")
     lines += _quarantine_lines(quarantined)
     if products["plot"]:
         lines += ["", image_markdown(products["plot"])]
+    if products.get("chi_plot"):
+        lines += ["", image_markdown(products["chi_plot"])]
     create_markdown_artifact(
         "\n".join(lines), key=artifact_key(PRF_SUMMARY, store), description=f"PRF photometry {output}"
     )
@@ -371,6 +382,11 @@ def publish_prf_summary(store: str, output, plan, ingestion: dict, products: dic
         "stars": products["n_sources"],
         "frames": products["n_frames"],
         "median flux_err/flux": round_sig(products["median_relative_error"]),
+        **(
+            {"robust chi^2/dof (reference frame)": round_sig(products["residuals"]["robust_chi2_per_dof"])}
+            if products.get("residuals")
+            else {}
+        ),
         **{f"flag {name}": n for name, n in products["flag_counts"].items()},
         "images quarantined now": len(quarantined),
     }

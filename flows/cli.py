@@ -283,6 +283,7 @@ def _cmd_prf(args) -> int:
         zero_point=args.zero_point,
         plot=not args.no_plot,
         output_fluxes=args.output_fluxes,
+        model_output=args.model_output,
     )
 
 
@@ -387,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or glob patterns (quote them)")
     p.add_argument("--catalog", required=True)
     p.add_argument("--output", required=True, help="long-format flux table (FITS)")
+    p.add_argument(
+        "--model-output",
+        default=None,
+        metavar="MODEL.fits",
+        help="every frame's model image and residual image (data - model), HDUs MODEL and RESID per frame",
+    )
     p.add_argument("--flux-column", dest="sources_flux_column", default=PRF_DEFAULTS["sources_flux_column"])
     p.add_argument("--n-r-knots", type=int, default=PRF_DEFAULTS["n_r_knots"])
     p.add_argument("--n-phi-knots", type=int, default=PRF_DEFAULTS["n_phi_knots"])

@@ -4,7 +4,7 @@ DAG::
 
     plan-image-ingestion -> ingest-image-chunk x N -> finalize-image-ingestion
         -> prf-model-key -> prf-shape-model -> create-flux-arrays
-        -> frame-chunks -> prf-fit-chunk x M (parallel) -> prf-products
+        -> frame-chunks -> prf-fit-chunk x M (parallel) -> prf-products [-> prf-model-images]
 
 The shape model is cached on the images ingested, the PRF parameters, the catalog file and the code
 version; each frame chunk's fit is cached on the model and its frames, so an unchanged re-run and a run
@@ -19,6 +19,8 @@ from typing import Literal
 from prefect import flow
 from prefect.futures import as_completed
 
+from photref_core.checks import check_output_fits
+from photref_core.errors import BadInputError
 from photref_core.prf.parameters import PSF_ZERO_POINT, PRFParameters
 from photref_core.store.lock import store_run
 from photref_core.store.schema import store_url
@@ -33,6 +35,7 @@ from tasks.prf import (
     ingest_image_batch,
     plan_image_ingestion,
     prf_model_key,
+    write_model_images,
     write_prf_products,
 )
 
@@ -59,6 +62,7 @@ def solve_prf(
     zero_point: float = PSF_ZERO_POINT,
     lock_timeout: float | None = 0.0,
     output_fluxes: Literal["time", "static"] | None = None,
+    model_output: str | None = None,
 ) -> dict:
     """Ingest images, build the field's PRF shape model, fit every source's flux in every frame.
 
@@ -93,6 +97,10 @@ def solve_prf(
         The flux set ``output`` and ``as_photometry`` take when ``params.time_model`` builds the time model
         (both are in the store): the time model's (default) or the static model's. ``'time'`` without the
         time model is an error.
+    model_output : str, optional
+        A FITS file of every frame's model image and residual image (data - model), image HDUs ``MODEL``
+        and ``RESID`` per frame with its WCS and ``FRAMEID`` (of the ``output_fluxes`` set), written a
+        frame chunk at a time. The path is checked before any work.
 
     Returns
     -------
@@ -105,6 +113,10 @@ def solve_prf(
     store, catalog, output = store_url(store), os.path.abspath(catalog), os.path.abspath(output)
     if output_fluxes == "time" and not params.time_model:
         raise ValueError("output_fluxes='time' needs the time model (params.time_model=True)")
+    if model_output is not None:  # a bad name fails now, not after the fits
+        model_output = check_output_fits("model_output", model_output)
+        if model_output == check_output_fits("output", output):
+            raise BadInputError(model_output, "model_output and output are the same file")
     with store_run(store, timeout=lock_timeout):
         plan = plan_image_ingestion(store, expand_frame_paths(images), strict, frames_per_chunk)
         futures = [ingest_image_batch.submit(store, batch, strict) for batch in plan.batches]
@@ -132,6 +144,10 @@ def solve_prf(
             for future in as_completed(fits):
                 progress.advance(future.result())
         products = write_prf_products(store, model_group, flux_group, output, plot, output_fluxes)
+        if model_output is not None:
+            products["model_images"] = write_model_images(
+                store, model_group, flux_group, model_output, output_fluxes
+            )
         if as_photometry:
             products["psf_photometry"] = add_psf_photometry(store, flux_group, zero_point, output_fluxes)
 

@@ -123,8 +123,18 @@ def prf_lines(products: dict) -> list[str]:
         f"images: {ingestion['ingested_now']} ingested now, {ingestion['skipped']} unchanged",
         *_quarantine_lines(ingestion.get("quarantined", [])),
     ]
+    residuals = products.get("residuals")
+    if residuals:
+        lines.append(
+            f"reference frame chi^2/dof over source pixels: {residuals['chi2_per_dof']:.4g} "
+            f"(robust {residuals['robust_chi2_per_dof']:.4g})"
+        )
     if products.get("plot"):
         lines.append(f"shape model plot: {products['plot']}")
+    if products.get("chi_plot"):
+        lines.append(f"chi image: {products['chi_plot']}")
+    if products.get("model_images"):
+        lines.append(f"model and residual images: {products['model_images']}")
     if products.get("psf_photometry"):
         lines.append(f"psf photometry: photometry {products['psf_photometry']['photometry']} of the store")
     return lines

@@ -16,6 +16,7 @@ import secrets
 import warnings
 
 __all__ = [
+    "atomic_path",
     "atomic_savefig",
     "atomic_stream",
     "atomic_write",
@@ -119,6 +120,40 @@ def atomic_stream(path, overwrite: bool = True):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     fsync_directory(directory)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary file name whose file replaces ``path`` when the block ends well (fsynced, renamed), for
+    writers that write by name, a piece at a time (FITS HDUs appended one by one). On an exception the
+    temporary file is removed and an existing ``path`` is left untouched.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The destination (its directory is created if missing; an existing file is replaced).
+
+    Yields
+    ------
+    str
+        The temporary file's name (in the destination directory; not created yet).
+    """
+    path = pathlib.Path(os.path.abspath(os.fspath(path)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = _temporary_name(path)
+    try:
+        yield str(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_directory(path.parent)
 
 
 def atomic_write(path, write, overwrite: bool = True) -> pathlib.Path:

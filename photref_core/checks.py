@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Iterable
 
-__all__ = ["check_choice", "check_count", "check_positive_finite"]
+__all__ = ["FITS_SUFFIXES", "check_choice", "check_count", "check_output_fits", "check_positive_finite"]
 
 
 def check_positive_finite(name: str, value) -> float:
@@ -55,3 +56,43 @@ def check_choice(name: str, value, choices: Iterable[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+#: File name endings of a FITS file photref writes.
+FITS_SUFFIXES = (".fits", ".fit", ".fts")
+
+
+def check_output_fits(what: str, path) -> str:
+    """The absolute path of a FITS file to write, checked before any work: a ``.fits`` name, not a
+    directory, in a directory that exists (or can be made) and can be written.
+
+    Parameters
+    ----------
+    what : str
+        What the file is, for the message (``"--model-output"``).
+    path : str or os.PathLike
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    BadInputError
+        Naming the path and the problem.
+    """
+    from .errors import BadInputError
+
+    full = os.path.abspath(os.fspath(path))
+    if os.path.isdir(full):
+        raise BadInputError(full, f"{what} is a directory; give a FITS file name")
+    if not full.lower().endswith(FITS_SUFFIXES):
+        raise BadInputError(full, f"{what} must be a FITS file name ending in {' or '.join(FITS_SUFFIXES)}")
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):  # the nearest existing directory is where the new ones would go
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise BadInputError(full, f"{what}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(full, f"{what}: cannot write in {parent} (permission denied)")
+    return full

@@ -15,6 +15,7 @@ from photref_core import keys
 from photref_core.ingest import images as core_images
 from photref_core.prf import steps
 from photref_core.prf.parameters import PRFParameters
+from photref_core.prf.plots import plot_chi_image
 
 from .common import IO_RETRY
 from .naming import batch_task_name, field_task_name, frame_range, write_task_name
@@ -29,6 +30,7 @@ __all__ = [
     "ingest_image_batch",
     "plan_image_ingestion",
     "prf_model_key",
+    "write_model_images",
     "write_prf_products",
 ]
 
@@ -118,7 +120,8 @@ def fit_frame_chunk(
 def write_prf_products(
     store: str, model_group: str, flux_group: str, output: str, plot: bool, fluxes: str | None = None
 ) -> dict:
-    """The long-format flux table (the flux set ``fluxes``), the shape-model plot and the PSF metrics."""
+    """The long-format flux table (the flux set ``fluxes``), the PSF metrics, the reference frame's chi^2 per
+    degree of freedom and (``plot``) the shape-model plot and the chi image beside the table."""
     import numpy as np
 
     # Each table read once: written, then counted.
@@ -127,15 +130,19 @@ def write_prf_products(
     table_path = steps.write_flux_table(store, output, table, transforms, model_group)
     model = steps.shared_prf_model(store, model_group)  # the fits' model: its geometry is built
     metrics = model.get_psf_metrics()
-    plot_path = None
+    residuals = steps.reference_residuals(store, model_group)
+    plot_path = chi_path = None
     if plot:
-        plot_path = os.path.splitext(table_path)[0] + "_prf.png"
-        model.plot_shape_model(plot_path)
+        stem = os.path.splitext(table_path)[0]
+        plot_path = model.plot_shape_model(stem + "_prf.png")
+        chi_path = plot_chi_image(residuals, stem + "_chi.png")
     fraction = np.asarray(metrics.source_psf_fraction)
     products = {
         "fluxes": table_path,
         "flux_set": table.meta["FLUXSET"],
         "plot": plot_path,
+        "chi_plot": chi_path,
+        "residuals": residuals.summary(),
         "model_group": model_group,
         "flux_group": flux_group,
         "n_sources": int(model.nsources),
@@ -151,6 +158,19 @@ def write_prf_products(
         }
         products["time_model"] = {"transform": transforms.meta["TRANSFRM"], "range_px": span}
     return products
+
+
+@task(
+    name="prf-model-images",
+    task_run_name=field_task_name("model images of"),
+    cache_policy=NO_CACHE,
+    **IO_RETRY,
+)
+def write_model_images(
+    store: str, model_group: str, flux_group: str, path: str, fluxes: str | None = None
+) -> str:
+    """Every frame's model and residual image into one FITS file, a frame chunk at a time."""
+    return steps.write_model_images(store, model_group, flux_group, path, fluxes)
 
 
 @task(

@@ -12,7 +12,7 @@ import numpy as np
 from .inputs import frame_stacks, gather_pixels, per_frame_wcs
 from .solver import FLAG_LOW_COVERAGE, FLAG_SOLVE_FAILED, FitResult
 
-__all__ = ["FrameOutputs", "fit_frames", "flux_prior_terms", "solve_batch", "solve_reference"]
+__all__ = ["FrameOutputs", "fit_frames", "flux_prior_terms", "model_image", "solve_batch", "solve_reference"]
 
 
 def fit_frames(
@@ -34,7 +34,7 @@ def fit_frames(
     wcs_list = per_frame_wcs(model.wcs if wcs is None else wcs, T)
     mu, isig2 = flux_prior_terms(model, prior_mu, prior_sigma)
     out = FrameOutputs(T, model.nsources, bool(model.params.fit_background))
-    model_image = np.zeros((T, ny, nx)) if return_model else None
+    images = np.zeros((T, ny, nx)) if return_model else None
     # Frames sharing a WCS share a plan (keys computed once per distinct WCS object).
     by_id = {}
     keys = [by_id.setdefault(id(w), model.frames.entry(w, (ny, nx))["key"]) for w in wcs_list]
@@ -51,13 +51,33 @@ def fit_frames(
         solution = solve_batch(plan, F, E, M, mu, isig2, model.params)
         out.put(idx, solution)
         if return_model:
-            b, wraw = solution[4], solution[6]
-            m = np.zeros((idx.size, ny * nx))
-            m[:, plan.pix_u] = (plan.Xc.T @ np.nan_to_num(wraw).T).T
-            if b is not None:
-                m += b[:, None]
-            model_image[idx] = m.reshape(idx.size, ny, nx)
-    return out.result(model.source_ids, model=model_image)
+            images[idx] = model_image(plan, solution[6], solution[4]).reshape(idx.size, ny, nx)
+    return out.result(model.source_ids, model=images)
+
+
+def model_image(plan, weights, background=None) -> np.ndarray:
+    """SPEC 6's model image of fitted frames: sum over sources of weight x normalised PRF (+ background).
+
+    Parameters
+    ----------
+    plan : SolvePlan
+        The frames' solve plan (their sources' mean model on the frame grid).
+    weights : numpy.ndarray
+        (T, nsources) source weights; NaN counts as 0.
+    background : numpy.ndarray, optional
+        (T,) constant background per frame.
+
+    Returns
+    -------
+    numpy.ndarray
+        (T, npix) flattened model frames.
+    """
+    weights = np.atleast_2d(weights)
+    out = np.zeros((weights.shape[0], plan.npix))
+    out[:, plan.pix_u] = (plan.Xc.T @ np.nan_to_num(weights).T).T
+    if background is not None:
+        out += np.nan_to_num(np.asarray(background, float))[:, None]
+    return out
 
 
 class FrameOutputs:

@@ -8,7 +8,9 @@ from astropy.wcs.utils import proj_plane_pixel_area
 from .._atomic import atomic_savefig
 
 __all__ = [
+    "CHI_RANGE",
     "PLOT_POINTS",
+    "plot_chi_image",
     "plot_shape_model",
 ]
 
@@ -75,4 +77,58 @@ def plot_shape_model(model, path, dpi=110):
     axes[1, 2].set(title="data - model on the sky [dex]", **sky)
     fig.colorbar(im, ax=axes[:, :2], shrink=0.6, pad=0.02, label="log10(pixel flux / source flux in rmax)")
     fig.colorbar(imr, ax=axes[:, 2], shrink=0.6, pad=0.02, label="residual [dex]")
+    return str(atomic_savefig(fig, path, dpi=dpi))
+
+
+#: The chi image's colour range: |chi| beyond it saturates the colour.
+CHI_RANGE = 5.0
+
+
+def plot_chi_image(residuals, path, dpi=110):
+    """Write a PNG of a reference frame's chi image (:func:`~.residuals.residual_map`).
+
+    (data - model) / error on the pixel grid (blue: the model is too bright, red: too faint), masked
+    pixels (saturated, bad, collateral: whatever the frame's mask holds) in grey, every source marked (a
+    cross where its flux is not reported), and the chi^2 per degree of freedom over the source pixels.
+
+    Parameters
+    ----------
+    residuals : ResidualMap
+    path : str or os.PathLike
+        Output PNG.
+    dpi : int
+
+    Returns
+    -------
+    str
+        The path written.
+    """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    ny, nx = residuals.chi.shape
+    width = 7.5
+    fig = Figure(figsize=(width, max(3.0, width * ny / nx * 0.9)))
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.1, right=0.88, bottom=0.1, top=0.9)
+    cmap = colormaps["RdBu_r"].with_extremes(bad="0.55")
+    im = ax.imshow(
+        np.ma.masked_invalid(residuals.chi),
+        origin="lower",
+        cmap=cmap,
+        vmin=-CHI_RANGE,
+        vmax=CHI_RANGE,
+        interpolation="nearest",
+    )
+    kept = ~residuals.flagged
+    ax.scatter(residuals.x[kept], residuals.y[kept], s=12, facecolors="none", edgecolors="k", linewidths=0.5)
+    if residuals.flagged.any():
+        ax.scatter(residuals.x[~kept], residuals.y[~kept], s=40, marker="x", c="m", linewidths=1.2)
+    ax.set(xlim=(-0.5, nx - 0.5), ylim=(-0.5, ny - 0.5), xlabel="x [pix]", ylabel="y [pix]")
+    ax.set_title(
+        f"(data - model) / error, mean of {residuals.n_frames} frame(s): chi^2/dof over source pixels "
+        f"{residuals.chi2_per_dof:.3g} (robust {residuals.robust_chi2_per_dof:.3g})",
+        fontsize=8,
+    )
+    fig.colorbar(im, ax=ax, shrink=0.8, pad=0.02, label="chi (grey: masked; x: source not reported)")
     return str(atomic_savefig(fig, path, dpi=dpi))

@@ -19,15 +19,17 @@ from astropy.io import fits
 from astropy.table import Table
 
 from .. import keys
-from .._atomic import atomic_writeto
+from .._atomic import atomic_path, atomic_writeto
 from ..blas import blas_threads
 from ..catalog import read_catalog
 from ..errors import BadInputError, StoreError
 from ..ingest.arrays import add_photometry
 from ..ingest.images import GROUP, ingested_frames, load_images, open_image_group
 from ..store.schema import open_group, open_store, store_exists, store_url
+from .inputs import check_frames, wcs_key
 from .model import PRFModel
 from .parameters import PSF_ZERO_POINT, TRANSFORM_TERMS, PRFParameters
+from .residuals import MeanFrame, ResidualMap, residual_map
 from .solver import FLAG_LOW_COVERAGE, FLAG_SOLVE_FAILED
 
 __all__ = [
@@ -42,9 +44,11 @@ __all__ = [
     "frame_chunks",
     "load_prf_model",
     "prf_model_key",
+    "reference_residuals",
     "shared_prf_model",
     "transform_table",
     "write_flux_table",
+    "write_model_images",
 ]
 
 
@@ -216,34 +220,14 @@ def fit_frame_chunk(
     The model is the process's shared one (:func:`shared_prf_model`); ``blas_threads_per_task`` limits
     BLAS while the chunk is fitted (:func:`photref_core.blas.blas_threads`; ``None``: the library's
     setting)."""
-    group = open_image_group(store)
-    model = shared_prf_model(store, model_group)
     slots = np.asarray(sorted(int(s) for s in slots))
-    cube, wcs = load_images(group, slots)
-    lo, hi = int(slots[0]), int(slots[-1]) + 1
-    rows = slots - lo
-    # (rows, result) per flux set; the time model fits frames in time order, each from the previous one.
+    sets = ("static", "time") if shared_prf_model(store, model_group).time_model is not None else ("static",)
     with blas_threads(blas_threads_per_task):
-        results = {
-            "static": (
-                rows,
-                model.fit(cube["flux"], cube["flux_err"], mask=cube["mask"], wcs=wcs, time_model=False),
-            )
-        }
-        if model.time_model is not None:
-            own = load_prf_model(store, model_group)  # its per-frame transform state is this task's alone
-            times = np.asarray(group["time"].get_orthogonal_selection((slots,)), dtype=float)
-            order = np.argsort(times, kind="stable")
-            result = own.fit(
-                cube["flux"][order],
-                cube["flux_err"][order],
-                mask=cube["mask"][order],
-                wcs=[wcs[i] for i in order],
-                times=times[order],
-            )
-            results["time"] = (rows[order], result)
+        _, _, results = _fit_chunk(store, model_group, slots, sets)
+    lo, hi = int(slots[0]), int(slots[-1]) + 1
     out = open_group(store, path=flux_group, mode="r+")
-    for which, (where, result) in results.items():
+    for which, (order, result) in results.items():
+        where = slots[order] - lo
         for name, values in zip(FLUX_SETS[which], (result.flux, result.flux_err, result.flag), strict=True):
             block = out[name][lo:hi]
             block[where] = values
@@ -253,6 +237,121 @@ def fit_frame_chunk(
             block[where] = result.transform
             out["transform"][lo:hi] = block
     return len(slots)
+
+
+def _fit_chunk(store, model_group: str, slots, sets, return_model: bool = False):
+    """Fit the frames ``slots`` (sorted) for the flux sets ``sets``: ``(cube, wcs, {set: (order, result)})``,
+    ``order`` the positions in ``slots`` of the result's frames (the time model fits frames in time order,
+    each from the previous one; the static fit keeps the slots' order)."""
+    group = open_image_group(store)
+    model = shared_prf_model(store, model_group)
+    cube, wcs = load_images(group, slots)
+    results = {}
+    if "static" in sets:
+        static = model.fit(
+            cube["flux"],
+            cube["flux_err"],
+            mask=cube["mask"],
+            wcs=wcs,
+            time_model=False,
+            return_model=return_model,
+        )
+        results["static"] = (np.arange(len(slots)), static)
+    if "time" in sets:
+        own = load_prf_model(store, model_group)  # its per-frame transform state is this task's alone
+        times = np.asarray(group["time"].get_orthogonal_selection((slots,)), dtype=float)
+        order = np.argsort(times, kind="stable")
+        result = own.fit(
+            cube["flux"][order],
+            cube["flux_err"][order],
+            mask=cube["mask"][order],
+            wcs=[wcs[i] for i in order],
+            times=times[order],
+            return_model=return_model,
+        )
+        results["time"] = (order, result)
+    return cube, wcs, results
+
+
+def write_model_images(store, model_group: str, flux_group: str, path, fluxes: str | None = None) -> str:
+    """Write every ingested frame's model image and residual image to one FITS file (SPEC 6's model image).
+
+    Per frame, in slot order, two image HDUs with the frame's WCS and ``FRAMEID``: ``MODEL`` (sum over
+    sources of flux x PRF, plus the background when fitted) and ``RESID`` (data - model, NaN on masked
+    pixels); ``EXTVER`` numbers the frames from 1. The fits are redone a frame chunk at a time with the
+    model image returned (the same fit as :func:`fit_frame_chunk`, so the same fluxes), and the HDUs
+    appended to the file as they come: memory holds one chunk. Written atomically.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+    model_group, flux_group : str
+    path : str or os.PathLike
+        The FITS file (replaced).
+    fluxes : {'static', 'time'}, optional
+        The flux set whose model is written (:func:`flux_set`).
+
+    Returns
+    -------
+    str
+        The path written.
+    """
+    which = flux_set(store, flux_group, fluxes)
+    frame_ids = open_image_group(store)["frame_id"]
+    primary = fits.Header()
+    primary["STORE"] = os.fspath(store)
+    primary["PRFMODEL"] = model_group
+    primary["FLUXSET"] = (which, "the model of the 'static' or the 'time' fluxes")
+    primary["CONTENT"] = ("MODEL, RESID per frame", "data - model in RESID; EXTVER: frame number")
+    number = 0
+    with atomic_path(path) as tmp:
+        fits.PrimaryHDU(header=primary).writeto(tmp)
+        for chunk in frame_chunks(store):
+            slots = np.asarray(sorted(chunk))
+            cube, wcs, results = _fit_chunk(store, model_group, slots, (which,), return_model=True)
+            order, result = results[which]
+            for k, i in enumerate(order):
+                number += 1
+                header = wcs[i].to_header(relax=True)
+                header["FRAMEID"] = str(frame_ids[int(slots[i])])
+                header["EXTVER"] = number
+                image = result.model[k]
+                bad = cube["mask"][i] | ~np.isfinite(cube["flux"][i])
+                resid = np.where(bad, np.nan, cube["flux"][i] - image)
+                for name, data in (("MODEL", image), ("RESID", resid)):
+                    header["EXTNAME"] = name
+                    fits.append(tmp, data.astype(np.float32), header, verify=False)
+    return os.path.abspath(os.fspath(path))
+
+
+def reference_residuals(store, model_group: str) -> ResidualMap:
+    """The chi image of the model's reference frame (:func:`~.residuals.residual_map`): the frame
+    ``frame_index``, or the mean of the shape-model frames (``time_mask``) that share the reference WCS,
+    as the build made it, read a frame chunk at a time."""
+    group = open_image_group(store)
+    model = shared_prf_model(store, model_group)
+    slots = ingested_frames(store)
+    shape = tuple(int(n) for n in group.attrs["image_shape"])
+    use = check_frames(model.params, slots.size)
+    if model.params.frame_index != "mean":
+        use = np.zeros(slots.size, bool)
+        use[int(model.params.frame_index) % slots.size] = True
+    position = {int(s): k for k, s in enumerate(slots)}
+    reference = model.frames.entry()["key"]
+    mean = MeanFrame(shape)
+    for chunk in frame_chunks(store):
+        chosen = np.asarray([s for s in sorted(chunk) if use[position[s]]], dtype=np.int64)
+        if chosen.size == 0:
+            continue
+        cube, wcs = load_images(group, chosen)
+        same = [
+            k
+            for k, w in enumerate(wcs)
+            if model.params.frame_index != "mean" or wcs_key(w, shape) == reference
+        ]
+        if same:
+            mean.add(cube["flux"][same], cube["flux_err"][same], cube["mask"][same])
+    return residual_map(model, mean.epoch(model.wcs))
 
 
 def flux_set(store, flux_group: str, fluxes: str | None = None) -> str:

@@ -50,6 +50,7 @@ from scipy import sparse
 from threadpoolctl import threadpool_limits
 
 from .fluxfit import FrameOutputs, flux_prior_terms, solve_batch
+from .fluxfit import model_image as frames_model
 from .geometry import Geometry
 from .inputs import frame_stacks, gather_pixels, per_frame_wcs
 from .parameters import TRANSFORM_TERMS
@@ -393,9 +394,7 @@ def fit_frames_with_transform(
             transforms[t] = a
             out.put([t], solution)
             if return_model:  # the plan holds the model at the returned transform
-                model_image[t, pairs.plan.pix_u] = pairs.plan.Xc.T @ np.nan_to_num(solution[6][0])
-                if solution[4] is not None:
-                    model_image[t] += solution[4][0]
+                model_image[t] = frames_model(pairs.plan, solution[6], solution[4])[0]
     return out.result(
         model.source_ids,
         transform=transforms,
