@@ -85,7 +85,7 @@ class ResidualMap:
     model : numpy.ndarray
         (ny, nx) model image (fluxes fitted without prior).
     good, source_pixels : numpy.ndarray
-        (ny, nx) bool: good pixels; good pixels within ``rmax`` of a source.
+        (ny, nx) bool: good pixels; the good pixels where the sources' model is at least the error.
     x, y : numpy.ndarray
         Source positions (0-based pixels).
     flagged : numpy.ndarray
@@ -145,9 +145,9 @@ def residual_map(model, epoch: dict) -> ResidualMap:
     image = model_image(plan, weights, background)[0].reshape(shape)
     with np.errstate(invalid="ignore", divide="ignore"):
         chi = np.where(good, (epoch["flux"] - image) / epoch["err"], np.nan)
-    near = np.zeros(good.size, bool)
-    near[g.pix[g.r <= model.shape.rmax]] = True
-    source_pixels = near.reshape(shape) & good
+    # Where the sources' light is at least the pixel's error: where a wrong PRF shows (the discs within
+    # rmax cover most of a crowded frame, and its background pixels would pull every figure to ~1).
+    source_pixels = good & (image - (0.0 if background is None else background[0]) >= epoch["err"])
     values = chi[source_pixels]
     fitted = int(np.sum(flag == 0)) + int(background is not None)
     dof = values.size - fitted
