@@ -249,7 +249,9 @@ def test_time_model_through_the_command(prefect_server, tmp_path, monkeypatch, c
     store, output = tmp_path / "s.zarr", tmp_path / "fluxes.fits"
     radii = [f"--{k.replace('_', '-')}={v}" for k, v in sim["prf_params"].items()]
     command = ["prf", str(store), str(Path(sim["paths"][0]).parent / "*.fits"), "--catalog", sim["catalog"]]
+    model_output = tmp_path / "models.fits"
     command += ["--output", str(output), "--no-plot", "--time-model", "--transform", "scale", *radii]
+    command += ["--model-output", str(model_output)]
     command += ["--time-build-frames", "4", "--time-rounds", "2"]
     assert main(command) == 0
     with fits.open(output) as h:
@@ -267,7 +269,7 @@ def test_time_model_through_the_command(prefect_server, tmp_path, monkeypatch, c
     assert model.time_model is not None and model.time_model.kind == "scale"
     flux, err, mask, wcs = load_frames(sim["paths"])  # in time order, as the store's slots
     jd = np.array([fits.getheader(p)["JD"] for p in sim["paths"]])
-    direct = model.fit(flux, err, mask, wcs, times=jd)
+    direct = model.fit(flux, err, mask, wcs, times=jd, return_model=True)
     static = model.fit(flux, err, mask, wcs, time_model=False)
     slot = {
         str(f): k
@@ -279,6 +281,14 @@ def test_time_model_through_the_command(prefect_server, tmp_path, monkeypatch, c
     np.testing.assert_allclose(ds["flux"].values[rows], static.flux, rtol=1e-9)
     first = fluxes[fluxes["frame_id"] == fits.getheader(sim["paths"][0])["FRAMEID"]]
     np.testing.assert_allclose(first["flux"], direct.flux[0], rtol=1e-9)
+    # The model images are the time model's (transformed positions), frame by frame.
+    with fits.open(model_output) as h:
+        assert h[0].header["FLUXSET"] == "time"
+        ids = [fits.getheader(p)["FRAMEID"] for p in sim["paths"]]
+        for k, frame_id in enumerate(ids):
+            (ext,) = [e for e in h[1:] if e.name == "MODEL" and e.header["FRAMEID"] == frame_id]
+            scale = np.abs(direct.model[k]).max()
+            np.testing.assert_allclose(ext.data, direct.model[k], rtol=1e-5, atol=1e-6 * scale)
 
     # The static set from the same (cached) run; --output-fluxes time without the model is refused.
     assert main(command + ["--output-fluxes", "static"]) == 0

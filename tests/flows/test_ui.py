@@ -342,6 +342,9 @@ def test_prf_names_and_artifacts(prefect_server, image_field, tmp_path):
     url = store_url(store)
     summary = latest_artifact(artifact_key(PRF_SUMMARY, url)).data
     assert "data:image/png;base64," in summary and "file://" not in summary
+    assert "![fluxes_prf.png](data:image/png" in summary and "![fluxes_chi.png](data:image/png" in summary
+    chi2 = products["residuals"]["robust_chi2_per_dof"]
+    assert f"source pixels {products['residuals']['chi2_per_dof']:.4g}, robust {chi2:.4g}" in summary
     assert "Warning: 1 image(s) quarantined" in summary and "broken.fits" in summary
     figures = {r["figure"]: r["value"] for r in table_rows(latest_artifact(artifact_key(PRF_TABLE, url)))}
     assert figures["frames"] == 10 and figures["stars"] == 30
@@ -349,6 +352,7 @@ def test_prf_names_and_artifacts(prefect_server, image_field, tmp_path):
     assert figures["median flux_err/flux"] == round_sig(products["median_relative_error"])
     assert figures["flag low coverage"] + figures["flag solve failed"] >= products["flagged"] >= 0
     assert figures["images quarantined now"] == 1
+    assert figures["robust chi^2/dof (reference frame)"] == round_sig(chi2) and chi2 > 0
 
 
 def test_progress_shows_a_terminal_bar_and_the_artifact(prefect_server):
