@@ -115,7 +115,7 @@ def solve_prf(
         raise ValueError("output_fluxes='time' needs the time model (params.time_model=True)")
     if model_output is not None:  # a bad name fails now, not after the fits
         model_output = check_output_fits("model_output", model_output)
-        if model_output == check_output_fits("output", output):
+        if model_output == output:
             raise BadInputError(model_output, "model_output and output are the same file")
     with store_run(store, timeout=lock_timeout):
         plan = plan_image_ingestion(store, expand_frame_paths(images), strict, frames_per_chunk)

@@ -103,6 +103,7 @@ def test_robust_chi2_per_dof_matches_gaussian_noise():
         ("dir", "is a directory"),
         ("model.png", "must be a FITS file name"),
         ("file/model.fits", "is not a directory"),
+        ("fluxes.fits", "are the same file"),
     ],
 )
 def test_bad_model_output_fails_before_any_work(
