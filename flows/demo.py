@@ -2,7 +2,8 @@
 
 Leaves in DIR: the simulated inputs (``photometry/``, ``images/``, ``raw/``), the store (``field.zarr``), the
 master FITS (``master.fits``), its statistics table (``master_stat.fits``), the plots (``master_*.png``), the
-PRF fluxes (``prf_fluxes.fits``) and shape-model plot (``prf_fluxes_prf.png``), the magnitude fitting of the
+PRF fluxes (``prf_fluxes.fits``), shape-model plot (``prf_fluxes_prf.png``) and chi image
+(``prf_fluxes_chi.png``), the magnitude fitting of the
 raw frames (store ``raw.zarr``, ``magfit/master.fits``, ``magfit/master_iter<k>.fits``,
 ``magfit/master_magfit.json``), their light curves (``magfit/lightcurves.fits``), and ``summary.md``.
 Without a ``PREFECT_API_URL`` the flows run on Prefect's temporary embedded server.
@@ -40,7 +41,8 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
     frames_glob = str(Path(sim.frames[0]).parent / "*.fits")
     products = run_master(out / "field.zarr", sim.catalog, out / "master.fits", frames=[frames_glob])
     t_master = time.perf_counter() - t0
-    # A small PRF field (0.11"/pix, dec 70, 40 stars with crowded pairs and variables) with rmax 1.1".
+    # A small PRF field (0.11"/pix, dec 70, 40 stars with crowded pairs and variables) with SPEC's radii: with
+    # rmax 1.1" (10 px) the simulated PRF's wing shows as rings around the bright stars in the chi image.
     t0 = time.perf_counter()
     images = simulate_images(out / "images", n_frames=12, n_stars=40, size=200, min_separation=24, seed=seed)
     prf = run_prf(
@@ -48,7 +50,7 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
         [str(Path(images["paths"][0]).parent / "*.fits")],
         images["catalog"],
         out / "prf_fluxes.fits",
-        params=PRFParameters(rmax=1.1),
+        params=PRFParameters(),
     )
     t_prf = time.perf_counter() - t0
     # Raw frames (zero points, x/y patterns; not yet magnitude-fitted) through AutoWISP's loop.
@@ -104,8 +106,10 @@ def run_demo(directory, frames: int = 60, stars: int = 400, photometries: int = 
     lines += [
         "",
         f"PRF photometry of {prf['n_frames']} simulated images x {prf['n_sources']} sources: "
-        f"fluxes in `{prf['fluxes']}`, shape model plot `{prf['plot']}` "
-        f"(median PRF fraction on the frame {prf['median_source_psf_fraction']:.4f}).",
+        f"fluxes in `{prf['fluxes']}`, shape model plot `{prf['plot']}`, chi image `{prf['chi_plot']}` "
+        f"(median PRF fraction on the frame {prf['median_source_psf_fraction']:.4f}; reference frame "
+        f"chi^2/dof over source pixels {prf['residuals']['chi2_per_dof']:.3g}, robust "
+        f"{prf['residuals']['robust_chi2_per_dof']:.3g}).",
         "",
         f"Magnitude fitting of {len(raw.frames)} raw frames x 1000 stars (`{out / 'raw.zarr'}`): "
         f"{len(magfit['iterations'])} iterations, {magfit['stopped']}; final master "
