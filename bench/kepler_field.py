@@ -85,6 +85,7 @@ def prepare_kepler_field(outdir, source=KEPLER_DATA) -> dict:
     bkg = Background2D(
         raw,
         box_size=25,
+        # The clipping of a crowded field's stars takes > 10 % of every box: photutils' default kept none.
         exclude_percentile=50.0,
         filter_size=3,
         mask=bad,
@@ -93,7 +94,8 @@ def prepare_kepler_field(outdir, source=KEPLER_DATA) -> dict:
     )
     data = raw - bkg.background
     # Error in e-/s: the stars' photons over the exposure and the background's measured scatter (its
-    # photons and read noise alone give 0.9 e-/s; the measured rms, ~RMS e-/s, holds what they leave out).
+    # photons and read noise alone give 0.9 e-/s; the measured rms, 5-7 e-/s, holds what they leave out:
+    # faint unresolved stars, smear, the calibration's residue).
     exposure = float(header["EXPOSURE"]) * 86400.0
     err = np.sqrt(np.maximum(data, 0.0) / exposure + bkg.background_rms**2)
 

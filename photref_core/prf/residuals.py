@@ -1,4 +1,4 @@
-"""How well a PRF model explains the pixels: model images, and the chi image of the reference frame.
+"""How well a PRF model explains the pixels: the chi image of the reference frame and its chi^2 per dof.
 
 :func:`residual_map` fits the reference frame (the mean frame the shape was built on, or the
 ``frame_index`` frame) and returns (data - model) / error on its pixel grid with the chi^2 per degree of
