@@ -60,8 +60,9 @@ from bench.prf_accuracy import read_fluxes
 DRIVER = REPO / "bench" / "peers" / "psfmachine_fit.py"
 TARGET_FRACTION = 1 / 3  # photref's process time over psfmachine's, running server, full shape
 TARGET_FIT_FRACTION = 1 / 20  # photref's per-frame fit over psfmachine's
-PSFMACHINE_DEFAULT_SPARSE_DIST_LIM = 40.0  # arcsec: psfmachine's defaults are set for Kepler
-PSFMACHINE_RADIUS_LIMITS = (28.0, 4.5)  # its source mask's upper / lower radius limits at those defaults
+#: psfmachine's FFI defaults (arcsec; set for Kepler); its source mask's upper / lower radius limits at them.
+PSFMACHINE_DEFAULTS = dict(rmin=1.0, rmax=16.0, cut_r=6.0, sparse_dist_lim=40.0)
+PSFMACHINE_RADIUS_LIMITS = (28.0, 4.5)
 MODES = ("server", "temporary")
 LABELS = {"server": "running server", "temporary": "temporary server"}
 
@@ -100,27 +101,37 @@ def simulated_field(shape: Shape, workdir: Path) -> dict:
     )
 
 
+def radius_options(radii: dict) -> list[str]:
+    """``--rmin=... --rmax=... --cut-r=... --sparse-dist-lim=...`` (arcsec), for photref and the driver."""
+    return [f"--{k.replace('_', '-')}={radii[k]:g}" for k in ("rmin", "rmax", "cut_r", "sparse_dist_lim")]
+
+
 def prf_arguments(sim: dict) -> list[str]:
     """The PRF options both tools get: SPEC 6's radii at the field's sampling."""
-    radii = sim["prf_params"]
-    return [f"--{k.replace('_', '-')}={radii[k]:g}" for k in ("rmin", "rmax", "cut_r", "sparse_dist_lim")]
+    return radius_options(sim["prf_params"])
+
+
+def run_psfmachine(frames: str, catalog: str, radii: dict, output: Path, work: Path) -> tuple[float, dict]:
+    """psfmachine 1.1.4 (``DRIVER`` in its own environment, made on first use) on FITS frames with
+    ``radii`` (arcsec), its source mask's radius limits scaled like ``sparse_dist_lim`` from its defaults;
+    fluxes to ``output`` (.npz). Returns the process's wall seconds and the driver's JSON line."""
+    from bench.peers.psfmachine_env import ensure_psfmachine_venv
+
+    python = ensure_psfmachine_venv(REPO)
+    scale = radii["sparse_dist_lim"] / PSFMACHINE_DEFAULTS["sparse_dist_lim"]
+    upper, lower = (limit * scale for limit in PSFMACHINE_RADIUS_LIMITS)
+    args = [str(python), "-I", str(DRIVER), "--frames", frames, "--catalog", catalog]
+    args += ["--output", str(output), *radius_options(radii)]
+    args += [f"--upper-radius-limit={upper:g}", f"--lower-radius-limit={lower:g}"]
+    wall, out = timed_process(args, {"PATH": "/usr/bin:/bin", "HOME": str(work)}, work / "psfmachine.log")
+    return wall, json.loads(out.strip().splitlines()[-1])
 
 
 def psfmachine_process(sim: dict, work: Path) -> dict:
     """psfmachine 1.1.4 on the same frames, as one process in its own environment; its figures."""
-    from bench.peers.psfmachine_env import ensure_psfmachine_venv
-
-    python = ensure_psfmachine_venv(REPO)
     frames = str(Path(sim["paths"][0]).parent / "*.fits")
-    scale = sim["prf_params"]["sparse_dist_lim"] / PSFMACHINE_DEFAULT_SPARSE_DIST_LIM
-    upper, lower = (limit * scale for limit in PSFMACHINE_RADIUS_LIMITS)
     output = work / "psfmachine.npz"
-    args = [str(python), "-I", str(DRIVER), "--frames", frames, "--catalog", sim["catalog"]]
-    args += ["--output", str(output), *prf_arguments(sim)]
-    args += [f"--upper-radius-limit={upper:g}", f"--lower-radius-limit={lower:g}"]
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(work)}
-    wall, out = timed_process(args, env, work / "psfmachine.log")
-    result = json.loads(out.strip().splitlines()[-1])
+    wall, result = run_psfmachine(frames, sim["catalog"], sim["prf_params"], output, work)
     with np.load(output) as z:
         fluxes = {k: z[k] for k in ("flux", "flux_err", "source_id")} | {
             "frame_id": z["frame_id"].astype(str)

@@ -33,18 +33,10 @@ except (
 
 from bench.cli import PHOTREF, photref_env, timed_process
 from bench.kepler_field import KEPLER_PIXSCALE, aperture_check, prepare_kepler_field
+from bench.prf import PSFMACHINE_DEFAULTS, radius_options, run_psfmachine
 from photref_core.simulate.fields import spec_radii
 
 REPO = Path(__file__).resolve().parent.parent
-DRIVER = REPO / "bench" / "peers" / "psfmachine_fit.py"
-#: psfmachine's FFI defaults (arcsec; set for Kepler) and its source mask's radius limits at them.
-PSFMACHINE_KEPLER = dict(rmin=1.0, rmax=16.0, cut_r=6.0, sparse_dist_lim=40.0)
-PSFMACHINE_RADIUS_LIMITS = (28.0, 4.5)
-
-
-def radius_options(radii: dict) -> list[str]:
-    """``--rmin=... --rmax=... --cut-r=... --sparse-dist-lim=...``."""
-    return [f"--{k.replace('_', '-')}={radii[k]:g}" for k in ("rmin", "rmax", "cut_r", "sparse_dist_lim")]
 
 
 def photref_run(field: dict, work: Path) -> dict:
@@ -68,23 +60,11 @@ def photref_run(field: dict, work: Path) -> dict:
 
 def psfmachine_run(field: dict, work: Path, label: str, radii: dict) -> dict:
     """psfmachine 1.1.4 on the frame with ``radii``; its seconds and fluxes (frame 0)."""
-    from bench.peers.psfmachine_env import ensure_psfmachine_venv
-
-    python = ensure_psfmachine_venv(REPO)
-    scale = radii["sparse_dist_lim"] / PSFMACHINE_KEPLER["sparse_dist_lim"]
-    upper, lower = (limit * scale for limit in PSFMACHINE_RADIUS_LIMITS)
     output = work / f"psfmachine-{label}.npz"
-    args = [str(python), "-I", str(DRIVER), "--frames", field["image"], "--catalog", field["catalog"]]
-    args += ["--output", str(output), *radius_options(radii)]
-    args += [f"--upper-radius-limit={upper:g}", f"--lower-radius-limit={lower:g}"]
-    seconds, out = timed_process(args, {"PATH": "/usr/bin:/bin", "HOME": str(work)}, work / "psfmachine.log")
+    seconds, result = run_psfmachine(field["image"], field["catalog"], radii, output, work)
     with np.load(output) as z:
         fluxes = Table({"source_id": z["source_id"], "flux": np.asarray(z["flux"], float)[0]})
-    return {
-        "process_s": seconds,
-        "fluxes": fluxes,
-        "phases": json.loads(out.strip().splitlines()[-1])["seconds"],
-    }
+    return {"process_s": seconds, "fluxes": fluxes, "phases": result["seconds"]}
 
 
 def figures(field: dict, run: dict) -> dict:
@@ -115,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs = {"photref": photref_run(field, work)}
     if args.peer:
-        runs["psfmachine (its Kepler defaults)"] = psfmachine_run(field, work, "defaults", PSFMACHINE_KEPLER)
+        runs["psfmachine (its Kepler defaults)"] = psfmachine_run(
+            field, work, "defaults", PSFMACHINE_DEFAULTS
+        )
         runs["psfmachine (photref's radii)"] = psfmachine_run(
             field, work, "photref-radii", spec_radii(KEPLER_PIXSCALE)
         )
