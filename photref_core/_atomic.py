@@ -74,10 +74,11 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_stream(path, overwrite: bool = True):
-    """A binary stream (seekable) whose content replaces ``path`` atomically when the block ends well:
-    a temporary file in the destination directory, fsynced and renamed over ``path``. On an exception the
-    temporary file is removed and an existing file is left untouched.
+def atomic_path(path, overwrite: bool = True):
+    """A temporary file name whose file replaces ``path`` atomically when the block ends well: in the
+    destination directory, fsynced, then renamed over ``path``. On an exception the temporary file is
+    removed and an existing file is left untouched. For writers that write by name, a piece at a time
+    (FITS HDUs appended one by one); :func:`atomic_stream` opens it as a stream.
 
     Parameters
     ----------
@@ -89,8 +90,8 @@ def atomic_stream(path, overwrite: bool = True):
 
     Yields
     ------
-    io.BufferedWriter
-        The temporary file, open for writing.
+    str
+        The temporary file's name (not created yet: the block creates it).
     """
     path = pathlib.Path(os.path.abspath(os.fspath(path)))
     directory = path.parent
@@ -100,11 +101,12 @@ def atomic_stream(path, overwrite: bool = True):
     remove_stale_temporaries(path)
     tmp = _temporary_name(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as stream:
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
+        yield str(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data of every descriptor the block wrote through
+        finally:
+            os.close(fd)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -123,37 +125,27 @@ def atomic_stream(path, overwrite: bool = True):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """A temporary file name whose file replaces ``path`` when the block ends well (fsynced, renamed), for
-    writers that write by name, a piece at a time (FITS HDUs appended one by one). On an exception the
-    temporary file is removed and an existing ``path`` is left untouched.
+def atomic_stream(path, overwrite: bool = True):
+    """A binary stream (seekable) whose content replaces ``path`` atomically when the block ends well
+    (:func:`atomic_path`: a temporary file in the destination directory, fsynced and renamed over
+    ``path``; on an exception removed, an existing file left untouched).
 
     Parameters
     ----------
     path : str or os.PathLike
-        The destination (its directory is created if missing; an existing file is replaced).
+        The destination (its directory is created if missing).
+    overwrite : bool
+        As :func:`atomic_path`.
 
     Yields
     ------
-    str
-        The temporary file's name (in the destination directory; not created yet).
+    io.BufferedWriter
+        The temporary file, open for writing.
     """
-    path = pathlib.Path(os.path.abspath(os.fspath(path)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = _temporary_name(path)
-    try:
-        yield str(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    fsync_directory(path.parent)
+    with atomic_path(path, overwrite) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
 
 
 def atomic_write(path, write, overwrite: bool = True) -> pathlib.Path:
