@@ -221,9 +221,8 @@ def fit_frame_chunk(
     BLAS while the chunk is fitted (:func:`photref_core.blas.blas_threads`; ``None``: the library's
     setting)."""
     slots = np.asarray(sorted(int(s) for s in slots))
-    sets = ("static", "time") if shared_prf_model(store, model_group).time_model is not None else ("static",)
     with blas_threads(blas_threads_per_task):
-        _, _, results = _fit_chunk(store, model_group, slots, sets)
+        _, _, results = _fit_chunk(store, model_group, slots)
     lo, hi = int(slots[0]), int(slots[-1]) + 1
     out = open_group(store, path=flux_group, mode="r+")
     for which, (order, result) in results.items():
@@ -239,12 +238,15 @@ def fit_frame_chunk(
     return len(slots)
 
 
-def _fit_chunk(store, model_group: str, slots, sets, return_model: bool = False):
-    """Fit the frames ``slots`` (sorted) for the flux sets ``sets``: ``(cube, wcs, {set: (order, result)})``,
-    ``order`` the positions in ``slots`` of the result's frames (the time model fits frames in time order,
-    each from the previous one; the static fit keeps the slots' order)."""
+def _fit_chunk(store, model_group: str, slots, sets=None, return_model: bool = False):
+    """Fit the frames ``slots`` (sorted) for the flux sets ``sets`` (default: every set the model has):
+    ``(cube, wcs, {set: (order, result)})``, ``order`` the positions in ``slots`` of the result's frames
+    (the time model fits frames in time order, each from the previous one; the static fit keeps the
+    slots' order)."""
     group = open_image_group(store)
     model = shared_prf_model(store, model_group)
+    if sets is None:
+        sets = ("static", "time") if model.time_model is not None else ("static",)
     cube, wcs = load_images(group, slots)
     results = {}
     if "static" in sets:
@@ -332,8 +334,9 @@ def reference_residuals(store, model_group: str) -> ResidualMap:
     model = shared_prf_model(store, model_group)
     slots = ingested_frames(store)
     shape = tuple(int(n) for n in group.attrs["image_shape"])
+    averaged = model.params.frame_index == "mean"
     use = check_frames(model.params, slots.size)
-    if model.params.frame_index != "mean":
+    if not averaged:
         use = np.zeros(slots.size, bool)
         use[int(model.params.frame_index) % slots.size] = True
     position = {int(s): k for k, s in enumerate(slots)}
@@ -344,11 +347,7 @@ def reference_residuals(store, model_group: str) -> ResidualMap:
         if chosen.size == 0:
             continue
         cube, wcs = load_images(group, chosen)
-        same = [
-            k
-            for k, w in enumerate(wcs)
-            if model.params.frame_index != "mean" or wcs_key(w, shape) == reference
-        ]
+        same = [k for k, w in enumerate(wcs) if not averaged or wcs_key(w, shape) == reference]
         if same:
             mean.add(cube["flux"][same], cube["flux_err"][same], cube["mask"][same])
     return residual_map(model, mean.epoch(model.wcs))
