@@ -244,10 +244,13 @@ class SolvePlan:
             s, c = bg
             u, z = rhs[:, :, 1], sol[:, :, 1]
             denom = s - np.sum(u * z, axis=0)
-            bgw = (c - np.sum(u * w0, axis=0)) / denom
-            bgvar = 1.0 / denom
-            w0 = w0 - z * bgw[None, :]
-            var = var + z * z / denom[None, :]
+            # A frame without a good pixel has no background (denom 0): NaN, and its fluxes flagged by
+            # the caller as not finite.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bgw = (c - np.sum(u * w0, axis=0)) / denom
+                bgvar = 1.0 / denom
+                w0 = w0 - z * bgw[None, :]
+                var = var + z * z / denom[None, :]
         if extra is not None:
             return w0.T, var.T, bgw, bgvar, failed.T, sol[:, 0, rhs.shape[2] - extra.shape[1] :]
         return w0.T, var.T, bgw, bgvar, failed.T
