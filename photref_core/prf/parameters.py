@@ -153,6 +153,18 @@ class PRFParameters:
         many pixels (and within ``sparse_dist_lim``), fixed for all frames (so the solve's pattern stays);
         one linearised step moves a source by at most half of it. A drift not in the WCS larger than this
         is cut at the disc edge.
+    perturbation : bool
+        Build the time model, part 2 (:mod:`photref_core.prf.perturbation`, needs ``time_model``): a
+        multiplicative perturbation of the PRF per pixel offset and time for shape changes (focus) that no
+        transform of the positions follows; the time-model fluxes are then solved with it.
+    time_nknots : int
+        Breakpoints per axis of the perturbation's Cartesian B-splines (psfmachine's default).
+    time_resolution : int
+        Frames a time bin of the perturbation's fit (psfmachine's default 200); with fewer frames the bins
+        shrink so each segment keeps at least 12 bins, down to one frame a bin.
+    time_radius : float or None
+        Half-width (arcsec) of the box of source offsets the perturbation is fitted on; beyond it the
+        perturbation is continued as a constant. ``None``: ``rmax / 2``.
     """
 
     n_r_knots: int = 10
@@ -189,6 +201,10 @@ class PRFParameters:
     time_iterations: int = 3
     time_core_radius: float | None = None
     time_max_shift: float = 2.0
+    perturbation: bool = False
+    time_nknots: int = 10
+    time_resolution: int = 200
+    time_radius: float | None = None
 
     def __post_init__(self):
         self.validate()
@@ -219,6 +235,8 @@ class PRFParameters:
             ("time_rounds", 0),
             ("time_build_frames", 1),
             ("time_iterations", 1),
+            ("time_nknots", 2),
+            ("time_resolution", 1),
         ):
             v = getattr(self, name)
             if not is_int(v) or v < lo:
@@ -305,6 +323,15 @@ class PRFParameters:
             raise ValueError(
                 f"PRF parameter time_core_radius must be None or in (0, rmax={self.rmax}] arcsec, got {tc!r}"
             )
+        if not isinstance(self.perturbation, bool | np.bool_):
+            raise ValueError(f"PRF parameter perturbation must be a bool, got {self.perturbation!r}")
+        if self.perturbation and not self.time_model:
+            raise ValueError(
+                "PRF parameter perturbation needs time_model=True (it is applied after the transform)"
+            )
+        tr = self.time_radius
+        if tr is not None and (not is_num(tr) or not 0 < tr < np.inf):
+            raise ValueError(f"PRF parameter time_radius must be None or a number > 0 (arcsec), got {tr!r}")
         if not isinstance(self.fit_background, bool | np.bool_):
             raise ValueError(f"PRF parameter fit_background must be a bool, got {self.fit_background!r}")
         if self.time_mask is not None:

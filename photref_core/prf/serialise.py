@@ -12,6 +12,7 @@ from scipy import sparse
 
 from ..errors import BadInputError
 from .parameters import PRFParameters
+from .perturbation import Perturbation, TimeBasis
 from .shape import ShapeModel
 from .timemodel import TimeModel
 
@@ -60,6 +61,15 @@ def model_to_arrays(model) -> dict:
             time_transforms=np.asarray(tm.transforms, dtype=float),
             time_diagnostics_json=np.array(json.dumps(tm.diagnostics)),
         )
+        pert = tm.perturbation
+        if pert is not None:
+            out.update(
+                perturbation_radius=np.array(pert.radius),
+                perturbation_nknots=np.array(pert.nknots),
+                perturbation_segments=pert.basis.segments,
+                perturbation_weights=pert.weights,
+                perturbation_diagnostics_json=np.array(json.dumps(pert.diagnostics)),
+            )
     return out
 
 
@@ -113,6 +123,14 @@ def model_from_arrays(cls, arrays):
             transforms=a["time_transforms"].astype(float).reshape(a["time_times"].size, -1),
             diagnostics=json.loads(str(a["time_diagnostics_json"])),
         )
+        if "perturbation_weights" in a:
+            m.time_model.perturbation = Perturbation(
+                radius=float(a["perturbation_radius"]),
+                nknots=int(a["perturbation_nknots"]),
+                basis=TimeBasis(a["perturbation_segments"].astype(float).reshape(-1, 7)),
+                weights=a["perturbation_weights"].astype(float),
+                diagnostics=json.loads(str(a["perturbation_diagnostics_json"])),
+            )
     return m
 
 

@@ -54,6 +54,7 @@ from .fluxfit import model_image as frames_model
 from .geometry import Geometry
 from .inputs import frame_stacks, gather_pixels, per_frame_wcs
 from .parameters import TRANSFORM_TERMS
+from .perturbation import Perturbation, build_perturbation
 from .refine import JointPixels, refine_shape
 from .shape import ShapeModel
 from .solver import FitResult, SolvePlan
@@ -93,6 +94,8 @@ class TimeModel:
         (n_build_frames, nterms) their fitted transforms.
     diagnostics : dict
         ``recentre_px`` (the offset added in each round, pixels) and the refinements' summaries.
+    perturbation : Perturbation or None
+        Part 2, the PRF's shape change (:mod:`.perturbation`), when built.
     """
 
     kind: str
@@ -100,6 +103,7 @@ class TimeModel:
     times: np.ndarray
     transforms: np.ndarray
     diagnostics: dict = dataclasses.field(default_factory=dict)
+    perturbation: Perturbation | None = None
 
     @property
     def terms(self) -> tuple:
@@ -221,16 +225,22 @@ class _FramePairs:
     def shifts(self, a):
         return self.bx @ a, self.by @ a
 
-    def values(self, shape: ShapeModel, a, core_radius=None):
+    def values(self, shape: ShapeModel, a, core_radius=None, factor=None):
         """Model values of every pair at the transform ``a``; with ``core_radius`` (arcsec) also the pairs
-        within it and their value derivatives with respect to the source's shift (per pixel)."""
+        within it and their value derivatives with respect to the source's shift (per pixel). ``factor``:
+        the perturbation (:meth:`.perturbation.Perturbation.at`), a function of the moved offsets that
+        multiplies the values (and the derivatives: its own change with the shift is neglected, it is ~1
+        and smooth)."""
         sx, sy = self.shifts(a)
         mg = moved_geometry(self.geom, sx, sy)
         vals = np.zeros(mg.r.size)
         area = mg.area[mg.src]
+        inside = np.flatnonzero(mg.r <= shape.rmax)
+        scale = None if factor is None else factor(mg.xi[inside], mg.eta[inside])
         if core_radius is None:
-            inside = np.flatnonzero(mg.r <= shape.rmax)
             vals[inside] = 10.0 ** shape.log_value(mg.r[inside], mg.phi[inside]) / shape.norm * area[inside]
+            if scale is not None:
+                vals[inside] *= scale
             return vals, None
         core_radius = min(core_radius, shape.rmax)
         core = np.flatnonzero(mg.r <= core_radius)
@@ -247,6 +257,11 @@ class _FramePairs:
         # d(xi, eta)/d(shift) = -J: a source moving +x moves every offset by -J[:, 0].
         d_sx = -_LN10 * v * (s_xi * j[:, 0, 0] + s_eta * j[:, 1, 0])
         d_sy = -_LN10 * v * (s_xi * j[:, 0, 1] + s_eta * j[:, 1, 1])
+        if scale is not None:
+            full = np.ones(mg.r.size)
+            full[inside] = scale
+            vals *= full
+            d_sx, d_sy = d_sx * full[core], d_sy * full[core]
         return vals, (core, d_sx, d_sy)
 
     def matrix(self, vals) -> sparse.csr_array:
@@ -285,7 +300,7 @@ def _core_jacobian(dprf, flux, row, npix):
     return np.stack([np.bincount(row, weights=dm[:, k], minlength=npix) for k in range(dprf.shape[1])], 1)
 
 
-def fit_frame_transform(pairs: _FramePairs, shape: ShapeModel, f, e, m, a0, mu, isig2, params):
+def fit_frame_transform(pairs: _FramePairs, shape: ShapeModel, f, e, m, a0, mu, isig2, params, factor=None):
     """Fit one frame's transform and fluxes (the module docstring's alternation).
 
     Parameters
@@ -302,6 +317,8 @@ def fit_frame_transform(pairs: _FramePairs, shape: ShapeModel, f, e, m, a0, mu, 
     mu, isig2 : numpy.ndarray
         Flux prior (means, 1/sigma^2).
     params : PRFParameters
+    factor : callable, optional
+        The perturbation at the frame's time (:meth:`.perturbation.Perturbation.at`).
 
     Returns
     -------
@@ -315,7 +332,7 @@ def fit_frame_transform(pairs: _FramePairs, shape: ShapeModel, f, e, m, a0, mu, 
     ns = pairs.geom.nsources
     amp_prev = np.asarray(mu, dtype=float)  # the fluxes the coupling is linearised at (then the last fit's)
     for _ in range(int(params.time_iterations)):
-        vals, (core, d_sx, d_sy) = pairs.values(shape, a, rc)
+        vals, (core, d_sx, d_sy) = pairs.values(shape, a, rc, factor)
         plan = pairs.solve_plan(pairs.matrix(vals))
         src, pix = pairs.geom.src[core], pairs.geom.pix[core]
         upix, row = np.unique(pix, return_inverse=True)
@@ -353,7 +370,7 @@ def fit_frame_transform(pairs: _FramePairs, shape: ShapeModel, f, e, m, a0, mu, 
             da *= limit / move
         a = a + da
         amp_prev = amp
-    vals, _ = pairs.values(shape, a)
+    vals, _ = pairs.values(shape, a, factor=factor)
     plan = pairs.solve_plan(pairs.matrix(vals))
     return a, solve_batch(plan, F, E, M, mu, isig2, params)
 
@@ -383,13 +400,17 @@ def fit_frames_with_transform(
     out = FrameOutputs(T, model.nsources, bool(model.params.fit_background))
     transforms = np.full((T, len(tmod.terms)), np.nan)
     model_image = np.zeros((T, ny * nx)) if return_model else None
+    pert = tmod.perturbation
+    if pert is not None and times is None:
+        raise ValueError("this PRF model's time model has a perturbation: the fit needs the frames' times")
     a = tmod.start(None if times is None else times[0])
     with threadpool_limits(limits=1, user_api="blas"):
         for t in range(T):
             pairs = _frame_pairs(model, tmod.shape, wcs_list[t], (ny, nx))
             m = None if mask is None else mask[t].ravel()
+            factor = None if pert is None else pert.at(float(times[t]))
             a, solution = fit_frame_transform(
-                pairs, tmod.shape, flux[t].ravel(), err[t].ravel(), m, a, mu, isig2, model.params
+                pairs, tmod.shape, flux[t].ravel(), err[t].ravel(), m, a, mu, isig2, model.params, factor
             )
             transforms[t] = a
             out.put([t], solution)
@@ -509,4 +530,16 @@ def build_time_model(model, flux, err, mask, wcs_list, tm, times, w_prior) -> Ti
             diag["refine"].append(refine_shape(shape, problems, lambda fl=fluxes: fl, w_prior, p))
             A = fit_all(A, chain=False)
     diag["transforms"] = A.tolist()
-    return TimeModel(kind=kind, shape=shape, times=times[frames], transforms=A, diagnostics=diag)
+    tmod = TimeModel(kind=kind, shape=shape, times=times[frames], transforms=A, diagnostics=diag)
+    if p.perturbation:
+
+        def fit_transform(wcs, f, e, m, a0):
+            pairs = _frame_pairs(model, shape, wcs, (ny, nx))
+            with threadpool_limits(limits=1, user_api="blas"):
+                a, solution = fit_frame_transform(pairs, shape, f, e, m, a0, mu, isig2, p)
+            return a, solution, pairs
+
+        tmod.perturbation = build_perturbation(
+            model, shape, flux, err, mask, wcs_list, np.flatnonzero(tm), times, tmod.start, fit_transform, p
+        )
+    return tmod

@@ -147,7 +147,8 @@ def oracle_fit(sim, flux, err, mask):
 
     Per frame, weighted least squares of all sources at once on every good pixel (no prior): the
     best a PRF model can do on these frames. The fluxes are total fluxes (the true PRF integrates to 1
-    over the plane). On a drifting field each frame's design is built at that frame's true positions.
+    over the plane). On a drifting field each frame's design is built at that frame's true positions, on a
+    field with a focus change with that frame's true PRF.
 
     Parameters
     ----------
@@ -170,12 +171,20 @@ def oracle_fit(sim, flux, err, mask):
     dx = np.asarray(truth["dx"]).reshape(T, ns) if "dx" in truth.colnames else np.zeros((T, ns))
     dy = np.asarray(truth["dy"]).reshape(T, ns) if "dy" in truth.colnames else np.zeros((T, ns))
     out, out_err = np.full((T, ns), np.nan), np.full((T, ns), np.nan)
+    # A focus change (simulate_images' focus_change) gives each frame its core FWHM.
+    fwhm = np.asarray(truth["fwhm"]).reshape(T, ns)[:, 0] if "fwhm" in truth.colnames else None
     design = None
     for t in range(T):
         if design is None or (
-            t > 0 and not (np.array_equal(dx[t], dx[t - 1]) and np.array_equal(dy[t], dy[t - 1]))
+            t > 0
+            and not (
+                np.array_equal(dx[t], dx[t - 1])
+                and np.array_equal(dy[t], dy[t - 1])
+                and (fwhm is None or fwhm[t] == fwhm[t - 1])
+            )
         ):
-            design = prf_design(x0 + dx[t], y0 + dy[t], (ny, nx), sim["prf"]).tocsr()
+            prf = sim["prf"] if fwhm is None else dict(sim["prf"], fwhm=float(fwhm[t]))
+            design = prf_design(x0 + dx[t], y0 + dy[t], (ny, nx), prf).tocsr()
         good = (~mask[t] & np.isfinite(flux[t]) & np.isfinite(err[t]) & (err[t] > 0)).ravel()
         A = design[np.flatnonzero(good)]
         w = 1.0 / err[t].ravel()[good] ** 2

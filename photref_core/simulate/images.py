@@ -319,6 +319,7 @@ def simulate_images(
     drift=0.0,
     scale_drift=0.0,
     drift_angle=30.0,
+    focus_change=0.0,
     nsub=5,
     first_id=1_000_000_000_000,
     time0=2460000.5,
@@ -377,6 +378,10 @@ def simulate_images(
         about the frame centre by ``1 + scale_drift * tau`` (velocity aberration, focus).
     drift_angle : float
         Direction of ``drift``, degrees from +x.
+    focus_change : float
+        A slow focus change (a fraction): the core's FWHM is ``fwhm * (1 + focus_change * tau)`` in frame
+        ``t`` (``tau`` as for ``drift``); the wing is unchanged. The PRF's shape then changes over the
+        campaign, which no transform of the positions can follow (the time model's perturbation can).
     nsub : int
         Sub-pixel samples per axis for the pixel integration.
     first_id : int
@@ -438,11 +443,12 @@ def simulate_images(
     design = None
     paths = []
     moving = drift != 0.0 or scale_drift != 0.0
+    fwhm_t = fwhm * (1.0 + focus_change * np.arange(n_frames) / max(n_frames - 1, 1))
     centre = (size - 1) / 2.0
     drift_dx = np.zeros((n_frames, n_stars))  # true position - the frame WCS's position (pixels)
     drift_dy = np.zeros((n_frames, n_stars))
     for t in range(n_frames):
-        if jitter > 0 or moving or design is None:
+        if jitter > 0 or moving or focus_change != 0.0 or design is None:
             shift = tuple(rng.normal(0.0, jitter, 2)) if jitter > 0 else (0.0, 0.0)
             wcs_t = make_wcs(size, pixscale, ra, dec, rotation, crpix_shift=shift)
             xt, yt = wcs_t.all_world2pix(sra, sdec, 0)
@@ -451,7 +457,8 @@ def simulate_images(
                 ang = np.deg2rad(drift_angle)
                 drift_dx[t] = drift * tau**2 * np.cos(ang) + scale_drift * tau * (xt - centre)
                 drift_dy[t] = drift * tau**2 * np.sin(ang) + scale_drift * tau * (yt - centre)
-            design = prf_design(xt + drift_dx[t], yt + drift_dy[t], (size, size), prf, nsub=nsub)
+            prf_t = dict(prf, fwhm=float(fwhm_t[t]))
+            design = prf_design(xt + drift_dx[t], yt + drift_dy[t], (size, size), prf_t, nsub=nsub)
         model = (design @ flux[t]).reshape(size, size)
         expected = np.maximum(model + sky, 0.0)
         data = rng.poisson(expected * gain) / gain - sky + rng.normal(0.0, rdnoise, model.shape)
@@ -492,6 +499,7 @@ def simulate_images(
             "y": np.tile(y, n_frames),
             "dx": drift_dx.ravel(),
             "dy": drift_dy.ravel(),
+            "fwhm": np.repeat(fwhm_t, n_stars),
             "ra": np.tile(sra, n_frames),
             "dec": np.tile(sdec, n_frames),
             "pair_id": np.tile(pair_id, n_frames),
@@ -518,6 +526,7 @@ def simulate_images(
             "DRIFT": drift,
             "SCALEDRF": scale_drift,
             "DRIFTANG": drift_angle,
+            "FOCUS": focus_change,
         }
     )
     truth_path = outdir / "truth.fits"
