@@ -361,6 +361,12 @@ def publish_prf_summary(store: str, output, plan, ingestion: dict, products: dic
         lines.append(
             f"* time model: `{tm['transform']}` transform per frame; range over the frames (px): {ranges}"
         )
+        if tm.get("perturbation"):
+            lines.append(
+                "* PRF shape change (perturbation): median over sources of the perturbed / mean model "
+                f"light {tm['median_perturbed_ratio_mean']:.4f}, its median std over time "
+                f"{tm['median_perturbed_std']:.4f}"
+            )
     residuals = products.get("residuals")
     if residuals:
         lines.append(
@@ -375,6 +381,8 @@ def publish_prf_summary(store: str, output, plan, ingestion: dict, products: dic
         lines += ["", image_markdown(products["plot"])]
     if products.get("chi_plot"):
         lines += ["", image_markdown(products["chi_plot"])]
+    if products.get("time_plot"):
+        lines += ["", image_markdown(products["time_plot"])]
     create_markdown_artifact(
         "\n".join(lines), key=artifact_key(PRF_SUMMARY, store), description=f"PRF photometry {output}"
     )

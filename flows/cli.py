@@ -257,11 +257,17 @@ def _cmd_prf(args) -> int:
         "time_iterations",
         "time_core_radius",
         "time_max_shift",
+        "perturbation",
+        "time_nknots",
+        "time_resolution",
+        "time_radius",
     )
-    if args.output_fluxes == "time" and not args.time_model:
-        from photref_core.errors import PhotrefError
+    from photref_core.errors import PhotrefError
 
+    if args.output_fluxes == "time" and not args.time_model:
         raise PhotrefError("--output-fluxes time needs --time-model")
+    if args.perturbation and not args.time_model:
+        raise PhotrefError("--perturbation needs --time-model (it is applied after the transform)")
     params = _parameters(
         PRFParameters,
         frame_index=args.frame_index,
@@ -424,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=PRF_DEFAULTS["refine_iterations"],
         help="most iterations of the joint all-pixel shape refinement (0: off)",
     )
-    tm = p.add_argument_group("time model (drift and plate scale; off by default)")
+    tm = p.add_argument_group("time model (drift, plate scale and PRF shape changes; off by default)")
     tm.add_argument(
         "--time-model",
         action="store_true",
@@ -455,6 +461,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=PRF_DEFAULTS["time_max_shift"],
         help="pixels: the margin of each source's pixel set (default: %(default)s)",
+    )
+    tm.add_argument(
+        "--perturbation",
+        action="store_true",
+        help="with --time-model, also fit the PRF's shape change over time (focus): a perturbation of the "
+        "PRF per source offset and time",
+    )
+    tm.add_argument(
+        "--time-nknots",
+        type=int,
+        default=PRF_DEFAULTS["time_nknots"],
+        help="the perturbation's B-spline breakpoints per axis (default: %(default)s)",
+    )
+    tm.add_argument(
+        "--time-resolution",
+        type=int,
+        default=PRF_DEFAULTS["time_resolution"],
+        help="frames a time bin of the perturbation's fit; fewer frames, smaller bins (default: %(default)s)",
+    )
+    tm.add_argument(
+        "--time-radius",
+        type=float,
+        default=None,
+        help="arcsec: half-width of the offsets the perturbation is fitted on (default: rmax / 2)",
     )
     tm.add_argument(
         "--output-fluxes",

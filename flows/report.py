@@ -133,6 +133,8 @@ def prf_lines(products: dict) -> list[str]:
         lines.append(f"shape model plot: {products['plot']}")
     if products.get("chi_plot"):
         lines.append(f"chi image: {products['chi_plot']}")
+    if products.get("time_plot"):
+        lines.append(f"time model plot: {products['time_plot']}")
     if products.get("model_images"):
         lines.append(f"model and residual images: {products['model_images']}")
     if products.get("psf_photometry"):

@@ -15,7 +15,7 @@ from photref_core import keys
 from photref_core.ingest import images as core_images
 from photref_core.prf import steps
 from photref_core.prf.parameters import PRFParameters
-from photref_core.prf.plots import plot_chi_image
+from photref_core.prf.plots import plot_chi_image, plot_time_model
 
 from .common import IO_RETRY
 from .naming import batch_task_name, field_task_name, frame_range, write_task_name
@@ -121,27 +121,32 @@ def write_prf_products(
     store: str, model_group: str, flux_group: str, output: str, plot: bool, fluxes: str | None = None
 ) -> dict:
     """The long-format flux table (the flux set ``fluxes``), the PSF metrics, the reference frame's chi^2 per
-    degree of freedom and (``plot``) the shape-model plot and the chi image beside the table."""
+    degree of freedom and (``plot``) the shape-model plot, the chi image and (with a time model) the time
+    model's plot beside the table."""
     import numpy as np
 
     # Each table read once: written, then counted.
     table = steps.flux_table(store, flux_group, fluxes)
     transforms = steps.transform_table(store, flux_group)
-    table_path = steps.write_flux_table(store, output, table, transforms, model_group)
+    sources = steps.source_table(store, model_group)
+    table_path = steps.write_flux_table(store, output, table, transforms, model_group, sources)
     model = steps.shared_prf_model(store, model_group)  # the fits' model: its geometry is built
-    metrics = model.get_psf_metrics()
     residuals = steps.reference_residuals(store, model_group)
-    plot_path = chi_path = None
+    plot_path = chi_path = time_path = None
     if plot:
         stem = os.path.splitext(table_path)[0]
         plot_path = model.plot_shape_model(stem + "_prf.png")
         chi_path = plot_chi_image(residuals, stem + "_chi.png")
-    fraction = np.asarray(metrics.source_psf_fraction)
+        if transforms is not None:
+            times, static, moving = steps.flux_sets_by_time(store, flux_group)
+            time_path = plot_time_model(model, times, static, moving, stem + "_time.png")
+    fraction = np.asarray(sources["source_psf_fraction"])
     products = {
         "fluxes": table_path,
         "flux_set": table.meta["FLUXSET"],
         "plot": plot_path,
         "chi_plot": chi_path,
+        "time_plot": time_path,
         "residuals": residuals.summary(),
         "model_group": model_group,
         "flux_group": flux_group,
@@ -157,6 +162,12 @@ def write_prf_products(
             for t in terms
         }
         products["time_model"] = {"transform": transforms.meta["TRANSFRM"], "range_px": span}
+        if "perturbed_ratio_mean" in sources.colnames:
+            products["time_model"]["median_perturbed_ratio_mean"] = float(
+                np.nanmedian(sources["perturbed_ratio_mean"])
+            )
+            products["time_model"]["median_perturbed_std"] = float(np.nanmedian(sources["perturbed_std"]))
+            products["time_model"]["perturbation"] = bool(model.time_model.perturbation is not None)
     return products
 
 

@@ -52,8 +52,8 @@ What it does
 Decisions where SPEC 6 is silent are documented on :class:`PRFParameters` and :meth:`PRFModel.fit`.
 6. **Time model, part 1** (``params.time_model``, :mod:`.timemodel`): per frame a geometric transform of
    the source positions (drift, plate scale) fitted with the fluxes, and a shape rebuilt and re-centred at
-   the fitted positions. Part 2 (psfmachine's perturbation model of PRF shape changes) is not built yet, so
-   :meth:`PRFModel.get_psf_metrics`' perturbed metrics are ``None``.
+   the fitted positions. Part 2 (``params.perturbation``, :mod:`.perturbation`): psfmachine's perturbation
+   model of PRF shape changes (focus), a factor per source offset and time applied after the transform.
 
 :class:`PRFModel` is the face; the work lives in modules cut along its jobs: :mod:`.parameters`,
 :mod:`.inputs` (checks, reference images), :mod:`.geometry`, :mod:`.cache` (geometry, mean model and solve
@@ -348,7 +348,7 @@ class PRFModel:
         return fit_frames(self, flux, flux_err, mask, wcs, return_model, gain, rdnoise, prior_mu, prior_sigma)
 
     # -- diagnostics (:mod:`.metrics`, :mod:`.plots`) -------------------------------------------------------
-    def get_psf_metrics(self, wcs=None, shape=None) -> PSFMetrics:
+    def get_psf_metrics(self, wcs=None, shape=None, npoints_per_pixel=None, times=None) -> PSFMetrics:
         """Model diagnostics (psfmachine's ``get_psf_metrics``).
 
         ``source_psf_fraction``: the fraction of each source's model flux (its flux inside ``rmax``) that
@@ -357,21 +357,29 @@ class PRFModel:
         sub-pixel samples (tangent-plane offsets from the local WCS Jacobian). The sub-pixel sampling
         removes the pixelisation of the disc edge that a plain row sum of ``mean_model`` (pixel centres
         inside the disc) has, so a star fully on the frame gets 1 to ~1e-4; the PRF itself is already
-        pixel-integrated, so it is not sub-sampled again (that would blur the frame edge by a pixel). No
-        perturbation model (the time model's part 2) is built, so ``perturbed_ratio_mean`` and
-        ``perturbed_std`` are ``None``.
+        pixel-integrated, so it is not sub-sampled again (that would blur the frame edge by a pixel).
+
+        With a time model, ``perturbed_ratio_mean`` and ``perturbed_std``: the time mean and standard
+        deviation of ``sum_p mean_model_ip P_ip(t) / sum_p mean_model_ip`` (the perturbation's change of the
+        source's modelled light, :func:`~.metrics.perturbed_ratios`; the time model's shape at its median
+        transform), over ``times`` (default: the perturbation's time bins); 1 and 0 without a perturbation.
+        ``None`` without a time model.
 
         Parameters
         ----------
         wcs : astropy.wcs.WCS, optional
             Frame WCS (default: the reference WCS).
         shape : tuple of int, optional
+        npoints_per_pixel : int, optional
+            Sub-pixel samples per axis (psfmachine's name; default ``params.psf_subsample``).
+        times : array_like, optional
+            Times of the perturbed metrics.
 
         Returns
         -------
         PSFMetrics
         """
-        return psf_metrics(self, wcs, shape)
+        return psf_metrics(self, wcs, shape, npoints_per_pixel, times)
 
     def plot_shape_model(self, path, dpi=110):
         """Write a PNG of the shape-fit data, the model and their difference, in (r, phi) and on the sky

@@ -12,6 +12,7 @@ __all__ = [
     "PLOT_POINTS",
     "plot_chi_image",
     "plot_shape_model",
+    "plot_time_model",
 ]
 
 #: Shape-fit points drawn at most (a random subset of the model's ``shape_data``; 30,000 points took 2.4 s).
@@ -131,4 +132,81 @@ def plot_chi_image(residuals, path, dpi=110):
         fontsize=8,
     )
     fig.colorbar(im, ax=ax, shrink=0.8, pad=0.02, label="chi (grey: masked; x: source not reported)")
+    return str(atomic_savefig(fig, path, dpi=dpi))
+
+
+#: Epochs at which :func:`plot_time_model` draws the perturbation.
+TIME_MODEL_EPOCHS = 4
+#: Stars whose light curves :func:`plot_time_model` draws.
+TIME_MODEL_STARS = 4
+
+
+def plot_time_model(model, times, static, moving, path, dpi=110):
+    """Write a PNG of the time model: the perturbation ``P - 1`` at a few epochs (with a perturbation) and a
+    few bright stars' light curves with and without the time model.
+
+    The stars are the brightest whose fluxes are finite in every frame with both models (each curve over
+    its median, offset for clarity): without the time model (grey) a drift or a focus change shows as a
+    trend or a scatter the time model (colour) removes.
+
+    Parameters
+    ----------
+    model : PRFModel
+        With a time model.
+    times : numpy.ndarray
+        (T,) frame times.
+    static, moving : numpy.ndarray
+        (T, nsources) fluxes without and with the time model.
+    path : str or os.PathLike
+        Output PNG.
+    dpi : int
+
+    Returns
+    -------
+    str
+        The path written.
+    """
+    from matplotlib.figure import Figure
+
+    pert = model.time_model.perturbation
+    times = np.asarray(times, dtype=float)
+    order = np.argsort(times)
+    times, static, moving = times[order], np.asarray(static)[order], np.asarray(moving)[order]
+    fig = Figure(figsize=(10.0, 6.5 if pert is not None else 3.6))
+    if pert is not None:
+        grid = fig.add_gridspec(2, TIME_MODEL_EPOCHS, height_ratios=[1.0, 1.1])
+        axes = [fig.add_subplot(grid[0, k]) for k in range(TIME_MODEL_EPOCHS)]
+        lc_ax = fig.add_subplot(grid[1, :])
+        epochs = np.quantile(times, np.linspace(0.0, 1.0, TIME_MODEL_EPOCHS))
+        side = np.linspace(-pert.radius, pert.radius, 121)
+        xi, eta = np.meshgrid(side, side)
+        maps = [pert.factor(xi.ravel(), eta.ravel(), t).reshape(xi.shape) - 1.0 for t in epochs]
+        limit = max(float(np.max(np.abs(m))) for m in maps) or 1e-3
+        for ax, m, t in zip(axes, maps, epochs, strict=True):
+            im = ax.imshow(
+                m,
+                origin="lower",
+                extent=(-pert.radius, pert.radius, -pert.radius, pert.radius),
+                cmap="RdBu_r",
+                vmin=-limit,
+                vmax=limit,
+            )
+            ax.set_title(f"P - 1 at t = {t - times[0]:.4g}", fontsize=8)
+            ax.set_xlabel('xi ["]', fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[0].set_ylabel('eta ["]', fontsize=8)
+        fig.colorbar(im, ax=axes, shrink=0.8, pad=0.01, label="perturbation")
+    else:
+        lc_ax = fig.add_subplot()
+    good = np.all(np.isfinite(static) & np.isfinite(moving) & (static > 0) & (moving > 0), axis=0)
+    level = np.where(good, np.nanmedian(np.where(np.isfinite(moving), moving, np.nan), axis=0), -np.inf)
+    stars = np.argsort(-level)[: min(TIME_MODEL_STARS, int(good.sum()))]
+    curves = [(static[:, i] / np.median(static[:, i]), moving[:, i] / np.median(moving[:, i])) for i in stars]
+    step = max([0.01] + [4.0 * float(np.std(c)) for pair in curves for c in pair])
+    for k, (s, m) in enumerate(curves):
+        lc_ax.plot(times - times[0], s - k * step, ".", color="0.6", ms=3, label="static" if k == 0 else None)
+        lc_ax.plot(times - times[0], m - k * step, ".-", ms=3, lw=0.6, label="time model" if k == 0 else None)
+    lc_ax.set(xlabel="time - first frame's", ylabel="flux / median (offset)")
+    lc_ax.set_title(f"the {len(stars)} brightest stars' light curves", fontsize=8)
+    lc_ax.legend(fontsize=7, loc="upper right")
     return str(atomic_savefig(fig, path, dpi=dpi))

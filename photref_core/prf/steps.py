@@ -39,6 +39,7 @@ __all__ = [
     "create_flux_arrays",
     "fit_frame_chunk",
     "flux_set",
+    "flux_sets_by_time",
     "flux_table",
     "flux_table_figures",
     "frame_chunks",
@@ -46,6 +47,7 @@ __all__ = [
     "prf_model_key",
     "reference_residuals",
     "shared_prf_model",
+    "source_table",
     "transform_table",
     "write_flux_table",
     "write_model_images",
@@ -94,11 +96,46 @@ def build_prf_model(store, catalog_path, params: PRFParameters, key: str) -> str
             chunks = tuple(max(1, n) for n in v.shape)
             out.create_array(k, shape=v.shape, dtype=v.dtype, chunks=chunks)[...] = v
     out.attrs["scalars"] = scalars
+    _store_metrics(out, model)
     build_id = out.attrs["build_id"] = uuid.uuid4().hex  # which build this is, for the processes' caches
     # The fit tasks of this process take the model as built: its geometry, model matrix and solve plan on
     # the reference WCS are made already (~4 s for 1,500 sources on 512x512).
     _share_model(store, f"{GROUP}/{name}", build_id, model)
     return f"{GROUP}/{name}"
+
+
+#: The per-source metrics of a model (:meth:`PRFModel.get_psf_metrics`) kept in its group's ``metrics``.
+METRICS = ("source_psf_fraction", "perturbed_ratio_mean", "perturbed_std")
+
+
+def _store_metrics(group, model: PRFModel) -> None:
+    """The model's PSF metrics (on the reference frame) as arrays of the model group's ``metrics`` group;
+    the perturbed ones only with a time model (SPEC 6: ``None`` without)."""
+    metrics = model.get_psf_metrics()
+    out = group.create_group("metrics")
+    for name in METRICS:
+        values = getattr(metrics, name)
+        if values is not None:
+            arr = out.create_array(name, shape=values.shape, dtype="f8", dimension_names=["source"])
+            arr[...] = np.asarray(values, dtype=np.float64)
+    out.attrs["notes"] = metrics.notes
+
+
+def source_table(store, model_group: str) -> Table:
+    """Per source: ``source_id``, ``ra``, ``dec`` and the model's PSF metrics (:data:`METRICS`, those the
+    model has), from the store."""
+    group = open_group(store, path=model_group, mode="r")
+    table = Table()
+    table["source_id"] = np.asarray(group["source_id"][...]).astype(np.int64)
+    table["ra"] = np.asarray(group["ra"][...], dtype=np.float64)
+    table["dec"] = np.asarray(group["dec"][...], dtype=np.float64)
+    table["ra"].unit = table["dec"].unit = "deg"
+    if "metrics" in group:
+        metrics = group["metrics"]
+        for name in METRICS:
+            if name in metrics:
+                table[name] = np.asarray(metrics[name][...], dtype=np.float64)
+    return table
 
 
 def load_prf_model(store, model_group: str) -> PRFModel:
@@ -434,10 +471,29 @@ def transform_table(store, flux_group: str) -> Table | None:
     return table
 
 
-def write_flux_table(store, output, table: Table, transforms: Table | None = None, model_group=None) -> str:
+def flux_sets_by_time(store, flux_group: str):
+    """The ingested frames' times and both flux sets of a time-model flux group: ``(times, static, time)``,
+    (T,) and (T, nsources) each, in slot order."""
+    group = open_image_group(store)
+    out = open_group(store, path=flux_group, mode="r")
+    slots = ingested_frames(store)
+    times = np.asarray(group["time"].get_orthogonal_selection((slots,)), dtype=float)
+    static, moving = (out[FLUX_SETS[s][0]].get_orthogonal_selection((slots, slice(None))) for s in FLUX_SETS)
+    return times, static, moving
+
+
+def write_flux_table(
+    store,
+    output,
+    table: Table,
+    transforms: Table | None = None,
+    model_group=None,
+    sources: Table | None = None,
+) -> str:
     """Write the long-format flux FITS table atomically (fsync'd temporary name, then rename): HDU
-    ``FLUXES`` (a :func:`flux_table`; the primary header's ``FLUXSET`` says which flux set) and, with a
-    time model, HDU ``FRAMES`` (a :func:`transform_table`)."""
+    ``FLUXES`` (a :func:`flux_table`; the primary header's ``FLUXSET`` says which flux set), with a
+    time model HDU ``FRAMES`` (a :func:`transform_table`), and HDU ``SOURCES`` (a :func:`source_table`)
+    when given."""
     hdu = fits.table_to_hdu(table)
     hdu.name = "FLUXES"
     primary = fits.PrimaryHDU()
@@ -451,6 +507,10 @@ def write_flux_table(store, output, table: Table, transforms: Table | None = Non
         frame_hdu = fits.table_to_hdu(transforms)
         frame_hdu.name = "FRAMES"
         hdus.append(frame_hdu)
+    if sources is not None:
+        source_hdu = fits.table_to_hdu(sources)
+        source_hdu.name = "SOURCES"
+        hdus.append(source_hdu)
     return str(atomic_writeto(fits.HDUList(hdus), output))
 
 

@@ -97,8 +97,14 @@ def test_prf_flow_matches_core_and_is_cached(prefect_server, image_field, images
         mask=np.array(cubes["mask"]),
     )
     direct = model.fit(np.array(cubes["flux"]), np.array(cubes["flux_err"]), mask=np.array(cubes["mask"]))
-    table = Table.read(output)
+    table = Table.read(output, hdu="FLUXES")
     assert table.colnames == ["frame_id", "source_id", "flux", "flux_err", "flag"]
+    # The sources' PSF metrics; no perturbed ones without a time model (SPEC 6: None).
+    sources = Table.read(output, hdu="SOURCES")
+    assert sources.colnames == ["source_id", "ra", "dec", "source_psf_fraction"]
+    np.testing.assert_allclose(
+        sources["source_psf_fraction"], model.get_psf_metrics().source_psf_fraction, rtol=1e-6
+    )
     assert table["source_id"].dtype.kind == "i" and table["source_id"].dtype.itemsize == 8
     assert table["flux"].dtype.kind == "f" and table["flux"].dtype.itemsize == 8
     assert len(table) == len(paths) * len(cat)
@@ -135,7 +141,7 @@ def test_prf_flow_matches_core_and_is_cached(prefect_server, image_field, images
     monkeypatch.setattr(cache, "SolvePlan", lambda *a, **k: built.append(1) or real_plan(*a, **k))
     steps.fit_frame_chunk(store, products["model_group"], products["flux_group"], [0, 1, 2], 1)
     assert built == []
-    np.testing.assert_array_equal(Table.read(output)["flux"], table["flux"])
+    np.testing.assert_array_equal(Table.read(output, hdu="FLUXES")["flux"], table["flux"])
     open_group(store, path=products["model_group"], mode="r+").attrs["build_id"] = "rebuilt"
     assert steps.shared_prf_model(store, products["model_group"]) is not shared
     monkeypatch.undo()
@@ -176,7 +182,7 @@ def test_psf_photometry_feeds_the_master(prefect_server, images, tmp_path):
     group = open_store(store)
     assert group.attrs["photometry_names"] == ["psf"] and group["mag"].shape[2] == 1
 
-    table = Table.read(tmp_path / "f.fits")
+    table = Table.read(tmp_path / "f.fits", hdu="FLUXES")
     master = build_master_photref(
         store=str(store),
         catalog=str(catalog),
@@ -238,8 +244,9 @@ def test_add_photometry_to_an_existing_store(small_field, tmp_path):
 
 
 def test_time_model_through_the_command(prefect_server, tmp_path, monkeypatch, capsys):
-    """``photref prf --time-model`` on a drifting field: both flux sets and the transforms in the store,
-    equal to the core's fit of the stored model; ``--output`` writes the set asked for, saying which."""
+    """``photref prf --time-model --perturbation`` on a drifting field: both flux sets and the transforms in
+    the store, equal to the core's fit of the stored model (its perturbation included); ``--output`` writes
+    the set asked for, saying which, and the sources' PSF metrics; the time model's plot."""
     from flows.cli import main
     from photref_core.prf.steps import load_prf_model
     from photref_core.simulate.fields import load_frames, simulate_field
@@ -250,13 +257,16 @@ def test_time_model_through_the_command(prefect_server, tmp_path, monkeypatch, c
     radii = [f"--{k.replace('_', '-')}={v}" for k, v in sim["prf_params"].items()]
     command = ["prf", str(store), str(Path(sim["paths"][0]).parent / "*.fits"), "--catalog", sim["catalog"]]
     model_output = tmp_path / "models.fits"
-    command += ["--output", str(output), "--no-plot", "--time-model", "--transform", "scale", *radii]
+    command += ["--output", str(output), "--time-model", "--transform", "scale", *radii]
     command += ["--model-output", str(model_output)]
-    command += ["--time-build-frames", "4", "--time-rounds", "2"]
+    command += ["--time-build-frames", "4", "--time-rounds", "2", "--perturbation", "--time-nknots", "6"]
     assert main(command) == 0
+    assert "time model plot: " in capsys.readouterr().out
+    assert Path(str(output).replace(".fits", "_time.png")).stat().st_size > 10_000
     with fits.open(output) as h:
         assert h[0].header["FLUXSET"] == "time" and h[0].header["TRANSFRM"] == "scale"
         fluxes, frames = Table(h["FLUXES"].data), Table(h["FRAMES"].data)
+        sources = Table(h["SOURCES"].data)
     assert frames.colnames == ["frame_id", "time", "dx", "dy", "scale"]
     assert len(frames) == 8 and np.all(np.isfinite(frames["dx"]))
 
@@ -267,6 +277,22 @@ def test_time_model_through_the_command(prefect_server, tmp_path, monkeypatch, c
     assert {"flux", "flux_time", "transform"} <= set(ds.data_vars)
     model = load_prf_model(str(store), ds.attrs["model_group"])
     assert model.time_model is not None and model.time_model.kind == "scale"
+    pert = model.time_model.perturbation
+    assert pert is not None and pert.nknots == 6 and pert.diagnostics["bins"] == 8  # one frame a bin
+    # The sources' metrics: the stored model's, in the table and the store.
+    metrics = model.get_psf_metrics()
+    assert sources.colnames == [
+        "source_id",
+        "ra",
+        "dec",
+        "source_psf_fraction",
+        "perturbed_ratio_mean",
+        "perturbed_std",
+    ]
+    np.testing.assert_array_equal(sources["source_id"], model.source_ids)
+    for name in ("source_psf_fraction", "perturbed_ratio_mean", "perturbed_std"):
+        np.testing.assert_allclose(sources[name], getattr(metrics, name), rtol=1e-12)
+    assert np.all(sources["perturbed_std"] > 0)
     flux, err, mask, wcs = load_frames(sim["paths"])  # in time order, as the store's slots
     jd = np.array([fits.getheader(p)["JD"] for p in sim["paths"]])
     direct = model.fit(flux, err, mask, wcs, times=jd, return_model=True)
