@@ -111,10 +111,13 @@ def prf_arguments(sim: dict) -> list[str]:
     return radius_options(sim["prf_params"])
 
 
-def run_psfmachine(frames: str, catalog: str, radii: dict, output: Path, work: Path) -> tuple[float, dict]:
+def run_psfmachine(
+    frames: str, catalog: str, radii: dict, output: Path, work: Path, extra: tuple = ()
+) -> tuple[float, dict]:
     """psfmachine 1.1.4 (``DRIVER`` in its own environment, made on first use) on FITS frames with
     ``radii`` (arcsec), its source mask's radius limits scaled like ``sparse_dist_lim`` from its defaults;
-    fluxes to ``output`` (.npz). Returns the process's wall seconds and the driver's JSON line."""
+    fluxes to ``output`` (.npz); ``extra``: more driver options (its time model's). Returns the process's
+    wall seconds and the driver's JSON line."""
     from bench.peers.psfmachine_env import ensure_psfmachine_venv
 
     python = ensure_psfmachine_venv(REPO)
@@ -122,7 +125,7 @@ def run_psfmachine(frames: str, catalog: str, radii: dict, output: Path, work: P
     upper, lower = (limit * scale for limit in PSFMACHINE_RADIUS_LIMITS)
     args = [str(python), "-I", str(DRIVER), "--frames", frames, "--catalog", catalog]
     args += ["--output", str(output), *radius_options(radii)]
-    args += [f"--upper-radius-limit={upper:g}", f"--lower-radius-limit={lower:g}"]
+    args += [f"--upper-radius-limit={upper:g}", f"--lower-radius-limit={lower:g}", *extra]
     wall, out = timed_process(args, {"PATH": "/usr/bin:/bin", "HOME": str(work)}, work / "psfmachine.log")
     return wall, json.loads(out.strip().splitlines()[-1])
 
@@ -356,6 +359,121 @@ def report(results: dict) -> None:
         )
 
 
+#: ``--time-model``: a Kepler-like field (psfmachine's home ground; 4"/pix, FWHM 1.5 px) that drifts (0.5 px,
+#: a plate-scale change moving the edge by 0.25 px) and changes focus (the core's FWHM 10 % wider by the end).
+TIME_FIELD = dict(n_stars=200, size=128, drift=0.5, scale_drift=0.25 / 64, focus_change=0.10)
+TIME_FIELD_QUICK = dict(TIME_FIELD, n_stars=100, size=96, scale_drift=0.25 / 48)
+TIME_FRAMES, TIME_FRAMES_QUICK = 80, 40
+
+
+def relative_scatter(fitted, true, pair_id, edge) -> float:
+    """Median over isolated stars of the std over frames of fitted / true over its median: the light curves'
+    scatter whatever a tool's flux scale (psfmachine 1.1.4 renormalises its fluxes)."""
+    iso = (np.asarray(pair_id) < 0) & ~np.asarray(edge, bool)
+    ratio = (np.asarray(fitted) / true)[:, iso]
+    return float(np.nanmedian(np.nanstd(ratio, axis=0) / np.nanmedian(ratio, axis=0)))
+
+
+def time_model_run(workdir: Path, quick: bool, peer: bool) -> dict:
+    """photref prf --time-model --perturbation (a process, Prefect's temporary server) and psfmachine 1.1.4's
+    build_time_model() + fit_model(fit_va=True) (a process) on one drifting, focus-changing field; their
+    wall times and light-curve scatter over the oracle's (the true PRF at the true positions)."""
+    from photref_core.prf.parameters import PRF_DEFAULTS
+    from photref_core.prf.perturbation import time_bins
+    from photref_core.simulate.fields import load_frames, oracle_fit, simulate_field, true_fluxes
+
+    n_frames = TIME_FRAMES_QUICK if quick else TIME_FRAMES
+    field = TIME_FIELD_QUICK if quick else TIME_FIELD
+    work = workdir / f"time-model-{n_frames}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    sim = simulate_field(work / "field", "kepler", seed=30, n_frames=n_frames, **field)
+    truth = Table.read(sim["truth"])
+    frame_ids = list(dict.fromkeys(str(f) for f in truth["frame_id"]))
+    ns = int(np.sum(truth["frame_id"] == truth["frame_id"][0]))
+    source_ids = np.asarray(truth["source_id"][:ns])
+    pair_id, edge = np.asarray(truth["pair_id"][:ns]), np.asarray(truth["edge"][:ns], bool)
+    flux, err, mask, _ = load_frames(sim["paths"])
+    oracle = relative_scatter(oracle_fit(sim, flux, err, mask)[0], true_fluxes(sim), pair_id, edge)
+    true = true_fluxes(sim, sim["prf_params"]["rmax"])
+    results: dict = {"field": f"Kepler-like, {ns} stars on {field['size']}^2 x {n_frames} frames", "rows": []}
+
+    def add(name, seconds, fitted, note=""):
+        scatter = relative_scatter(fitted, true, pair_id, edge)
+        results["rows"].append({"run": name, "s": seconds, "scatter/oracle": scatter / oracle, "note": note})
+
+    # photref: the command as a user runs it, then the static fluxes of the same (cached) run.
+    env = photref_env(work / "prefect")
+    frames, log = str(Path(sim["paths"][0]).parent / "*.fits"), work / "photref.log"
+    warm = [PHOTREF, "prf", str(work / "warm.zarr"), sim["paths"][0], "--catalog", sim["catalog"]]
+    timed_process([*warm, "--output", str(work / "warm.fits"), "--no-plot", *prf_arguments(sim)], env, log)
+    args = [PHOTREF, "prf", str(work / "s.zarr"), frames, "--catalog", sim["catalog"], *prf_arguments(sim)]
+    args += ["--time-model", "--perturbation", "--no-plot"]
+    seconds, _ = timed_process([*args, "--output", str(work / "time.fits")], env, log)
+    timed_process([*args, "--output", str(work / "static.fits"), "--output-fluxes", "static"], env, log)
+    static, _ = read_fluxes(str(work / "static.fits"), frame_ids, source_ids)
+    moving, _ = read_fluxes(str(work / "time.fits"), frame_ids, source_ids)
+    add("photref prf --time-model --perturbation", seconds, moving, "process, temporary server")
+    add("photref, same run, static fluxes", None, static, "the run's static flux set")
+    if peer:
+        radius = 0.5 * sim["prf_params"]["rmax"]  # photref's default time_radius
+        bins, _ = time_bins(np.arange(n_frames, dtype=float), PRF_DEFAULTS["time_resolution"])
+        resolution = int(np.ceil(n_frames / len(bins)))
+        settings = {
+            "photref's time settings": [
+                f"--time-nknots={PRF_DEFAULTS['time_nknots']}",
+                f"--time-resolution={resolution}",
+                f"--time-radius={radius:g}",
+            ],
+            'its defaults (time_resolution 200, time_radius 8")': [],
+        }
+        for label, options in settings.items():
+            output = work / f"psfmachine-{len(options)}.npz"
+            try:
+                wall, info = run_psfmachine(
+                    frames, sim["catalog"], sim["prf_params"], output, work, ("--time-model", *options)
+                )
+            except SystemExit as exc:  # psfmachine failing is a figure too
+                last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "failed"
+                results["rows"].append(
+                    {
+                        "run": f"psfmachine, {label}",
+                        "s": None,
+                        "scatter/oracle": None,
+                        "note": f"failed: {last[:120]}",
+                    }
+                )
+                continue
+            with np.load(output) as z:
+                order = [list(z["frame_id"].astype(str)).index(f) for f in frame_ids]
+                fitted_va, fitted = z["flux_time"][order], z["flux"][order]
+            phase = info["seconds"]
+            note = f"time model {phase['time model']:.1f} s, fits {phase['fit']:.1f} s"
+            add(f"psfmachine 1.1.4, {label}: fit_va", wall, fitted_va, note)
+            add(f"psfmachine 1.1.4, {label}: static", None, fitted, "the same process's fit_model")
+    results["oracle_scatter"] = oracle
+    (workdir / f"results-time-model-{n_frames}.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def time_model_report(results: dict) -> None:
+    """Print :func:`time_model_run`'s figures."""
+    rows = [
+        [
+            r["run"],
+            "" if r["s"] is None else f"{r['s']:.1f}",
+            "" if r["scatter/oracle"] is None else f"{r['scatter/oracle']:.3f}",
+            r["note"],
+        ]
+        for r in results["rows"]
+    ]
+    print_table(
+        rows,
+        ["run", "s", "scatter / oracle", ""],
+        title=f"time model on {results['field']} (oracle's scatter {results['oracle_scatter']:.4%})",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
@@ -367,8 +485,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-psfmachine", dest="peer", action="store_false", help="photref's half only")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="photref's modes")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench-output" / "prf")
+    parser.add_argument(
+        "--time-model",
+        action="store_true",
+        help="the time model against psfmachine's on a drifting, focus-changing Kepler-like field instead",
+    )
     args = parser.parse_args(argv)
     print(f"machine: {machine_description()}\nload: {load_average()}", flush=True)
+    if args.time_model:
+        time_model_report(time_model_run(args.workdir.resolve(), args.shape == QUICK, args.peer))
+        print(f"\nload at the end: {load_average()}")
+        return 0
     results = run(args.shape or FULL, args.workdir.resolve(), args.kernel, args.peer, args.modes)
     report(results)
     if args.kernel:

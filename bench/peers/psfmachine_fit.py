@@ -3,13 +3,15 @@
 Run with the python of psfmachine's own environment (``bench/peers/psfmachine_env.py`` makes it), never
 photref's: it imports neither photref nor anything of the bench. Written from psfmachine's public API
 (``Machine(time, flux, flux_err, ra, dec, sources, column, row, ...)``, ``build_shape_model()``,
-``fit_model()``); no psfmachine code is copied.
+``fit_model()``; with ``--time-model`` also ``build_time_model()`` and ``fit_model(fit_va=True)``, the
+``Machine`` given ``time_nknots``, ``time_resolution`` and ``time_radius``); no psfmachine code is copied.
 
 What a user of ``Machine`` does with such frames: every frame's pixels flattened, the pixels that are bad
 in any frame left out (``Machine`` has no per-frame mask), each pixel's sky position from the first frame's
 WCS (the frames share one), the catalog as a pandas DataFrame. Prints one JSON line: the seconds of each
 phase and where the fluxes went (``--output``: an ``.npz`` with ``flux`` and ``flux_err``, frames x
-sources in the catalog's order, ``source_id`` and ``frame_id``).
+sources in the catalog's order, ``source_id`` and ``frame_id``; with ``--time-model`` also ``flux_time`` and
+``flux_err_time``, the fit with the time model).
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ def main() -> None:
     ap.add_argument("--flux-cut-off", type=float, default=1.0)
     ap.add_argument("--upper-radius-limit", type=float, default=28.0, help="arcsec (source mask)")
     ap.add_argument("--lower-radius-limit", type=float, default=4.5, help="arcsec (source mask)")
+    ap.add_argument("--time-model", action="store_true", help="build_time_model() + fit_model(fit_va=True)")
+    ap.add_argument("--time-nknots", type=int, default=None, help="Machine's time_nknots (default: its own)")
+    ap.add_argument("--time-resolution", type=int, default=None, help="Machine's time_resolution")
+    ap.add_argument("--time-radius", type=float, default=None, help="Machine's time_radius, arcsec")
     args = ap.parse_args()
+    time_options = {
+        k: getattr(args, k)
+        for k in ("time_nknots", "time_resolution", "time_radius")
+        if getattr(args, k) is not None
+    }
 
     seconds = {}
     start = time.perf_counter()
@@ -91,6 +102,7 @@ def main() -> None:
         cut_r=args.cut_r,
         sparse_dist_lim=args.sparse_dist_lim,
         sources_flux_column="flux",
+        **time_options,
     )
     machine.quiet = True
     seconds["init"] = time.perf_counter() - start
@@ -102,12 +114,23 @@ def main() -> None:
         lower_radius_limit=args.lower_radius_limit,
     )
     seconds["shape model"] = time.perf_counter() - start
+    if args.time_model:
+        start = time.perf_counter()
+        machine.build_time_model(plot=False)
+        seconds["time model"] = time.perf_counter() - start
     start = time.perf_counter()
-    machine.fit_model()
+    machine.fit_model(fit_va=args.time_model)
     seconds["fit"] = time.perf_counter() - start
 
+    extra = {}
+    if args.time_model:
+        extra = {
+            "flux_time": np.asarray(machine.ws_va, float),
+            "flux_err_time": np.asarray(machine.werrs_va, float),
+        }
     np.savez(
         args.output,
+        **extra,
         flux=np.asarray(machine.ws, float),
         flux_err=np.asarray(machine.werrs, float),
         source_id=np.asarray(catalog["source_id"]).astype(np.int64),

@@ -158,7 +158,10 @@ class PRFParameters:
         multiplicative perturbation of the PRF per pixel offset and time for shape changes (focus) that no
         transform of the positions follows; the time-model fluxes are then solved with it.
     time_nknots : int
-        Breakpoints per axis of the perturbation's Cartesian B-splines (psfmachine's default).
+        Breakpoints per axis of the perturbation's Cartesian B-splines, uniform in sqrt(|offset|) over the box
+        of ``time_radius``. psfmachine's 10 sit on its 8" box (2 Kepler pixels); on this box (rmax / 2) 14
+        resolve the core (measured on a Kepler-like field with a 10 % focus change: scatter 1.10x -> 1.05x
+        the oracle's, chi std 1.28 -> 1.13; 18 no better).
     time_resolution : int
         Frames a time bin of the perturbation's fit (psfmachine's default 200); with fewer frames the bins
         shrink so each segment keeps at least 12 bins, down to one frame a bin.
@@ -202,7 +205,7 @@ class PRFParameters:
     time_core_radius: float | None = None
     time_max_shift: float = 2.0
     perturbation: bool = False
-    time_nknots: int = 10
+    time_nknots: int = 14
     time_resolution: int = 200
     time_radius: float | None = None
 
