@@ -30,6 +30,16 @@ Then, unless ``--no-kernel``, the in-process kernel figures: on the same field, 
 the solve plan built once (one BLAS thread) against psfmachine's per-frame method (dense normal matrix,
 ``solve`` and ``inv``) on the same model, and the sparse-field cases of ``bench/prf_kernel.py``.
 
+``--time-model``: instead, the time model (SPEC 6, both parts) against psfmachine's on a Kepler-like field
+(psfmachine's home ground; 200 stars on 128 x 128 x 80 frames, ``--quick`` 100 x 96 x 40) that drifts (0.5
+px, and a plate-scale change moving the edge by 0.25 px) and changes focus (the core's FWHM 10 % wider by
+the end): ``photref prf --time-model --perturbation`` as a process (temporary server; its static flux set
+read from the same cached run) and psfmachine 1.1.4's ``build_time_model()`` + ``fit_model(fit_va=True)``
+as a process, once with photref's time settings (``time_nknots``, ``time_radius`` and a ``time_resolution``
+giving the same time bins) and once with its defaults. Printed: wall seconds and the light curves' scatter
+(median over isolated stars of std / median of fitted / true) over the oracle's (the true PRF at the true
+positions, ``fields.oracle_fit``), scale-free because psfmachine renormalises its fluxes.
+
 Run: ``.venv/bin/python bench/prf.py [--quick | --shape STARSxSIZExFRAMES] [--no-kernel] [--workdir DIR]``
 (``--no-psfmachine --modes server`` runs photref's half only: what the test suite runs, on a tiny shape)
 (default shape 1500x512x40, ~3 minutes here plus psfmachine's environment once; ``--quick`` 400x256x10).
@@ -361,9 +371,8 @@ def report(results: dict) -> None:
 
 #: ``--time-model``: a Kepler-like field (psfmachine's home ground; 4"/pix, FWHM 1.5 px) that drifts (0.5 px,
 #: a plate-scale change moving the edge by 0.25 px) and changes focus (the core's FWHM 10 % wider by the end).
-TIME_FIELD = dict(n_stars=200, size=128, drift=0.5, scale_drift=0.25 / 64, focus_change=0.10)
-TIME_FIELD_QUICK = dict(TIME_FIELD, n_stars=100, size=96, scale_drift=0.25 / 48)
-TIME_FRAMES, TIME_FRAMES_QUICK = 80, 40
+TIME_FIELD = dict(drift=0.5, focus_change=0.10)
+TIME_FULL, TIME_QUICK = Shape(200, 128, 80), Shape(100, 96, 40)
 
 
 def relative_scatter(fitted, true, pair_id, edge) -> float:
@@ -374,7 +383,7 @@ def relative_scatter(fitted, true, pair_id, edge) -> float:
     return float(np.nanmedian(np.nanstd(ratio, axis=0) / np.nanmedian(ratio, axis=0)))
 
 
-def time_model_run(workdir: Path, quick: bool, peer: bool) -> dict:
+def time_model_run(workdir: Path, shape: Shape, peer: bool) -> dict:
     """photref prf --time-model --perturbation (a process, Prefect's temporary server) and psfmachine 1.1.4's
     build_time_model() + fit_model(fit_va=True) (a process) on one drifting, focus-changing field; their
     wall times and light-curve scatter over the oracle's (the true PRF at the true positions)."""
@@ -382,9 +391,9 @@ def time_model_run(workdir: Path, quick: bool, peer: bool) -> dict:
     from photref_core.prf.perturbation import time_bins
     from photref_core.simulate.fields import load_frames, oracle_fit, simulate_field, true_fluxes
 
-    n_frames = TIME_FRAMES_QUICK if quick else TIME_FRAMES
-    field = TIME_FIELD_QUICK if quick else TIME_FIELD
-    work = workdir / f"time-model-{n_frames}"
+    n_frames = shape.frames
+    field = dict(TIME_FIELD, n_stars=shape.stars, size=shape.size, scale_drift=0.25 / (shape.size / 2))
+    work = workdir / f"time-model-{shape.tag}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     sim = simulate_field(work / "field", "kepler", seed=30, n_frames=n_frames, **field)
@@ -452,7 +461,7 @@ def time_model_run(workdir: Path, quick: bool, peer: bool) -> dict:
             add(f"psfmachine 1.1.4, {label}: fit_va", wall, fitted_va, note)
             add(f"psfmachine 1.1.4, {label}: static", None, fitted, "the same process's fit_model")
     results["oracle_scatter"] = oracle
-    (workdir / f"results-time-model-{n_frames}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (workdir / f"results-time-model-{shape.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -493,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(f"machine: {machine_description()}\nload: {load_average()}", flush=True)
     if args.time_model:
-        time_model_report(time_model_run(args.workdir.resolve(), args.shape == QUICK, args.peer))
+        shape = TIME_QUICK if args.shape == QUICK else (args.shape or TIME_FULL)
+        time_model_report(time_model_run(args.workdir.resolve(), shape, args.peer))
         print(f"\nload at the end: {load_average()}")
         return 0
     results = run(args.shape or FULL, args.workdir.resolve(), args.kernel, args.peer, args.modes)

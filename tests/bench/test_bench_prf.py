@@ -36,3 +36,19 @@ def test_bench_prf_photref_half_runs(tmp_path):
     assert "in process, one BLAS thread" in proc.stdout
     # The bench stopped the server it started.
     assert not (tmp_path / "runs-40x96x3" / "prefect-server" / "photref-server.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_prf_time_model_photref_half_runs(tmp_path):
+    """``bench/prf.py --time-model``'s photref half: the command with the time model and its perturbation,
+    scored against the oracle, the static set of the same run, the results file."""
+    cmd = [sys.executable, "bench/prf.py", "--time-model", "--shape", "30x48x12", "--no-psfmachine"]
+    cmd += ["--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results-time-model-30x48x12.json").read_text())
+    rows = {r["run"]: r for r in results["rows"]}
+    assert set(rows) == {"photref prf --time-model --perturbation", "photref, same run, static fluxes"}
+    assert rows["photref prf --time-model --perturbation"]["s"] > 0
+    assert all(0.5 < r["scatter/oracle"] < 50 for r in rows.values())
+    assert results["oracle_scatter"] > 0 and "scatter / oracle" in proc.stdout
