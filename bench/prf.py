@@ -387,8 +387,8 @@ def time_model_run(workdir: Path, shape: Shape, peer: bool) -> dict:
     """photref prf --time-model --perturbation (a process, Prefect's temporary server) and psfmachine 1.1.4's
     build_time_model() + fit_model(fit_va=True) (a process) on one drifting, focus-changing field; their
     wall times and light-curve scatter over the oracle's (the true PRF at the true positions)."""
-    from photref_core.prf.parameters import PRF_DEFAULTS
-    from photref_core.prf.perturbation import time_bins
+    from photref_core.prf.parameters import PRF_DEFAULTS, PRFParameters
+    from photref_core.prf.perturbation import box_radius, time_bins
     from photref_core.simulate.fields import load_frames, oracle_fit, simulate_field, true_fluxes
 
     n_frames = shape.frames
@@ -425,7 +425,7 @@ def time_model_run(workdir: Path, shape: Shape, peer: bool) -> dict:
     add("photref prf --time-model --perturbation", seconds, moving, "process, temporary server")
     add("photref, same run, static fluxes", None, static, "the run's static flux set")
     if peer:
-        radius = 0.5 * sim["prf_params"]["rmax"]  # photref's default time_radius
+        radius = box_radius(PRFParameters(**sim["prf_params"]))  # photref's default time_radius
         bins, _ = time_bins(np.arange(n_frames, dtype=float), PRF_DEFAULTS["time_resolution"])
         resolution = int(np.ceil(n_frames / len(bins)))
         settings = {

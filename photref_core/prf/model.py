@@ -299,7 +299,9 @@ class PRFModel:
         With the time model (:mod:`.timemodel`; by default whenever the model has one) each frame's
         geometric transform is fitted with its fluxes, frames in the order given, each starting from the
         previous frame's transform (the first from the build frames' transforms at its time), with the
-        re-centred shape; the result's ``transform`` holds them. ``time_model=False``: the static fit.
+        re-centred shape; the result's ``transform`` holds them; with the time model's perturbation
+        (:mod:`.perturbation`) the shape is multiplied by it at each frame's time, so ``times`` are needed.
+        ``time_model=False``: the static fit.
 
         Each frame is solved on its own (results do not depend on how frames are batched):
         ``(X^T C^-1 X + diag(1/sigma^2)) w = X^T C^-1 f + mu/sigma^2`` with ``X`` the normalised mean model on

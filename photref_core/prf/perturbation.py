@@ -28,13 +28,13 @@ so ``y - 1`` is the perturbation plus noise; the pixels used are those where the
 where it is a large part, ``y`` is biased), inside the box, good in the bin, however faint (``y`` is linear in
 the data, so a faint pixel is unbiased, only weighted down: keeping only pixels above their error left the
 outer wing unconstrained, measured 1.06x the oracle's scatter against 1.01x); sources that vary (their
-``F_i(b) / F_i`` scatters by more than :data:`VARIABLE_CHI` times the median source's, after the common trend
-of all sources is divided out) or are flagged are left out. The weights are the weighted linear least-squares
-solution with a Gaussian prior of width :data:`PRIOR_SIGMA` on every ``v``; its normal equations are summed
-bin by bin (``sum_b (B_b^T W_b B_b) kron (T_b T_b^T)``): one small dense system whatever the number of
-bins. Outliers are
-clipped: points whose normalised residual is beyond ``clip_sigma`` robust standard deviations are removed and
-the weights refitted, ``clip_iterations`` times at most (psfmachine's clipping never removes a pixel).
+``F_i(b) / F_i`` scatters by more than :data:`VARIABLE_SCATTER` times the median source's, after the common
+trend of all sources is divided out) or are flagged are left out. The weights are the weighted linear least-
+squares solution with a Gaussian prior of width :data:`PRIOR_SIGMA` on every ``v``; its normal equations are
+summed bin by bin (``sum_b (B_b^T W_b B_b) kron (T_b T_b^T)``): one small dense system whatever the number of
+bins. Outliers are clipped: points whose normalised residual is beyond ``clip_sigma`` robust standard
+deviations are removed and the weights refitted, ``clip_iterations`` times at most (psfmachine's clipping
+never removes a pixel).
 
 **The fluxes**: every frame is then fitted with the transformed shape times ``P`` at the frame's time
 (:func:`.timemodel.fit_frame_transform`); times outside a segment's bins use the nearest bin's time (no
@@ -58,7 +58,8 @@ __all__ = [
     "PRIOR_SIGMA",
     "Perturbation",
     "TimeBasis",
-    "VARIABLE_CHI",
+    "VARIABLE_SCATTER",
+    "box_radius",
     "build_perturbation",
     "cartesian_knots",
     "time_bins",
@@ -82,7 +83,12 @@ PRIOR_SIGMA = 0.1
 CLEAN_FRACTION = 0.9
 #: A source whose bin-to-bin flux scatter (common trend removed) exceeds this many times the median
 #: source's is variable and is not used.
-VARIABLE_CHI = 5.0
+VARIABLE_SCATTER = 5.0
+
+
+def box_radius(params) -> float:
+    """Half-width (arcsec) of the perturbation's box: ``time_radius``, by default half ``rmax``."""
+    return float(params.time_radius) if params.time_radius is not None else 0.5 * float(params.rmax)
 
 
 def cartesian_knots(radius: float, nknots: int) -> np.ndarray:
@@ -125,8 +131,9 @@ class TimeBasis:
     Attributes
     ----------
     segments : numpy.ndarray
-        (nsegments, 7): start, end (times of the segment's first and last frame), mean and std of its bins'
-        times (the whitening), lowest and highest whitened bin time, the segment's order.
+        (nsegments, 7): start, end (times of the segment's first and last frame), centre and half-range of
+        its bins' times (the whitening: the bins' times become [-1, 1]), lowest and highest whitened bin
+        time, the segment's order (the highest power of the whitened time).
     """
 
     segments: np.ndarray
@@ -289,7 +296,7 @@ def _variable_sources(amp, weights):
     ok = np.isfinite(scatter) & (mean > 0)
     if amp.shape[0] < 3 or not ok.any():
         return ~ok, mean
-    limit = VARIABLE_CHI * np.median(scatter[ok])
+    limit = VARIABLE_SCATTER * np.median(scatter[ok])
     return ~ok | (scatter > limit), mean
 
 
@@ -326,7 +333,7 @@ def build_perturbation(model, shape, flux, err, mask, wcs_list, frames, times, s
 
     T, ny, nx = flux.shape
     frames = np.asarray(frames)
-    radius = float(params.time_radius) if params.time_radius is not None else 0.5 * float(params.rmax)
+    radius = box_radius(params)
     nknots = int(params.time_nknots)
     knots = cartesian_knots(radius, nknots)
     bins, basis = time_bins(times[frames], int(params.time_resolution))

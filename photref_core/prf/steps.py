@@ -478,7 +478,9 @@ def flux_sets_by_time(store, flux_group: str):
     out = open_group(store, path=flux_group, mode="r")
     slots = ingested_frames(store)
     times = np.asarray(group["time"].get_orthogonal_selection((slots,)), dtype=float)
-    static, moving = (out[FLUX_SETS[s][0]].get_orthogonal_selection((slots, slice(None))) for s in FLUX_SETS)
+    static, moving = (
+        out[FLUX_SETS[s][0]].get_orthogonal_selection((slots, slice(None))) for s in ("static", "time")
+    )
     return times, static, moving
 
 

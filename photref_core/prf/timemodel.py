@@ -38,6 +38,10 @@ offset shrinks each round (the recipe measured 0.098 -> 0.039 -> 0.014 px on a K
 
 The static shape (the mean frame's) is kept beside this one: the fluxes without the time model are what a
 run without it gives.
+
+**Part 2** (``params.perturbation``, :mod:`.perturbation`): after the rounds, the PRF's shape change over
+time is fitted as a factor per source offset and time, and every frame's fit multiplies the moved model by
+it at the frame's time (:meth:`_FramePairs.values`' ``factor``).
 """
 
 from __future__ import annotations
