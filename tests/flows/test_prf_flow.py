@@ -325,6 +325,8 @@ def test_time_model_through_the_command(prefect_server, tmp_path, monkeypatch, c
     plain = [c for c in command if c != "--time-model"]
     assert main(plain + ["--output-fluxes", "time"]) == 2
     assert "--output-fluxes time needs --time-model" in capsys.readouterr().err
+    assert main(plain) == 2  # --perturbation without the transform it is applied after
+    assert "--perturbation needs --time-model" in capsys.readouterr().err
 
 
 def products_key(store) -> str:
