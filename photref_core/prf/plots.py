@@ -199,7 +199,8 @@ def plot_time_model(model, times, static, moving, path, dpi=110):
     else:
         lc_ax = fig.add_subplot()
     good = np.all(np.isfinite(static) & np.isfinite(moving) & (static > 0) & (moving > 0), axis=0)
-    level = np.where(good, np.nanmedian(np.where(np.isfinite(moving), moving, np.nan), axis=0), -np.inf)
+    # Brightness of the stars usable in both sets (every frame finite and positive); the others rank last.
+    level = np.where(good, np.median(np.where(good, moving, 0.0), axis=0), -np.inf)
     stars = np.argsort(-level)[: min(TIME_MODEL_STARS, int(good.sum()))]
     curves = [(static[:, i] / np.median(static[:, i]), moving[:, i] / np.median(moving[:, i])) for i in stars]
     step = max([0.01] + [4.0 * float(np.std(c)) for pair in curves for c in pair])
