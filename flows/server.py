@@ -5,11 +5,19 @@ of a run that may have nothing to do. The command starts that server's process f
 imports Prefect and the flows (:class:`TemporaryServer`), so that its start overlaps the command's own ~2 s of
 imports, and without importing Prefect's server application into the command (another ~2 s).
 
-``photref server start`` runs ``prefect server start --background``
-on 127.0.0.1 for this ``PREFECT_HOME`` (one server per home) and records its address in
+``photref server start`` runs ``prefect server start`` in the background (detached, its output in
+``$PREFECT_HOME/server.log``) on 127.0.0.1 for this ``PREFECT_HOME`` (one server per home) and records its
+address in
 ``$PREFECT_HOME/photref-server.json``; every later photref command with the same home finds it there,
 checks that it answers, and uses it (one line on stderr says so). When none answers, the command falls back
 to the temporary server with a one-line hint.
+
+The server's database: SQLite (``$PREFECT_HOME/prefect.db``, Prefect's default), or PostgreSQL:
+``--postgres`` makes and starts a local cluster under ``$PREFECT_HOME/postgres`` (:mod:`flows.postgres`),
+``--database-url`` names an existing server. The choice is kept in ``$PREFECT_HOME/photref-database.json``
+(readable by its owner only: a URL may hold a password), so that a later ``photref server start`` comes
+back on the same database with its runs; ``--sqlite`` goes back to SQLite. ``stop`` stops the local cluster
+too.
 
 This module imports nothing of Prefect: it runs before Prefect reads its settings (``PREFECT_API_URL``
 must be in the environment by then).
@@ -30,13 +38,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from flows.postgres import LocalCluster, PostgresError, redact
 from photref_core._atomic import pid_alive
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_PORT",
     "TemporaryServer",
     "connect_to_server",
+    "database_choice",
+    "describe_database",
     "prefect_home",
+    "running_database",
     "running_server",
     "server_answers",
     "start_server",
@@ -48,6 +61,13 @@ __all__ = [
 DEFAULT_PORT = 4200
 _STATE_FILE = "photref-server.json"
 _PID_FILE = "server.pid"  # Prefect's own record of its background server
+#: The server's output (its errors), in the Prefect home.
+SERVER_LOG = "server.log"
+_DATABASE_FILE = "photref-database.json"
+#: Prefect's settings for its server's database URL (the second is the older alias; both are read).
+_DATABASE_URL_SETTINGS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+#: The backends of ``photref server start``.
+BACKENDS = ("sqlite", "postgres", "url")
 
 
 def prefect_home() -> Path:
@@ -152,7 +172,78 @@ def _server_pid() -> int | None:
     return None
 
 
-def start_server(host: str = "127.0.0.1", port: int | None = None, timeout: float = 90.0) -> str:
+def database_choice(backend: str | None = None, database_url: str | None = None) -> dict:
+    """The database of this home's server: the one asked for, else the one it last ran on, else SQLite.
+
+    Parameters
+    ----------
+    backend : {"sqlite", "postgres", "url"}, optional
+        Asked for (``--sqlite``, ``--postgres``, ``--database-url``); None: the home's last choice.
+    database_url : str, optional
+        The ``postgresql+asyncpg://`` URL of an existing server (backend "url").
+
+    Returns
+    -------
+    dict
+        ``{"backend": ..., "url": ...}`` (``url`` for "url" only).
+    """
+    if backend is None:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((prefect_home() / _DATABASE_FILE).read_text())
+        return {"backend": "sqlite"}
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if backend == "url":
+        if not database_url or not database_url.startswith("postgresql"):
+            raise RuntimeError(
+                f"--database-url must be a PostgreSQL URL, postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DB; "
+                f"got {redact(database_url or '')!r}"
+            )
+        # Prefect's server needs the async driver; a plain postgresql:// URL means asyncpg here.
+        scheme, _, rest = database_url.partition("://")
+        return {
+            "backend": "url",
+            "url": f"postgresql+asyncpg://{rest}" if scheme == "postgresql" else database_url,
+        }
+    return {"backend": backend}
+
+
+def _remember_database(choice: dict) -> None:
+    path = prefect_home() / _DATABASE_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a URL may hold a password
+    with os.fdopen(fd, "w") as out:
+        json.dump(choice, out)
+
+
+def describe_database(choice: dict, url: str | None = None) -> str:
+    """One line naming a server's database, without its password."""
+    if choice["backend"] == "postgres":
+        location = redact(url).rpartition("@")[2] if url else "not started"
+        return f"PostgreSQL {location} (the cluster in {prefect_home() / 'postgres'})"
+    if choice["backend"] == "url":
+        return f"PostgreSQL {redact(choice['url'])}"
+    environment = next((os.environ[k] for k in _DATABASE_URL_SETTINGS if os.environ.get(k)), None)
+    if environment:
+        return f"{redact(environment)} (PREFECT_API_DATABASE_CONNECTION_URL)"
+    return f"SQLite {prefect_home() / 'prefect.db'}"
+
+
+def running_database() -> str | None:
+    """The database line of the running server of this home (None when none runs)."""
+    if running_server() is None:
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(_state_path().read_text()).get("database")
+    return None
+
+
+def start_server(
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    timeout: float = 90.0,
+    backend: str | None = None,
+    database_url: str | None = None,
+) -> str:
     """Start the photref Prefect server of this home in the background (or find it running).
 
     Parameters
@@ -163,14 +254,33 @@ def start_server(host: str = "127.0.0.1", port: int | None = None, timeout: floa
         Port; default 4200, or a free one when 4200 is taken.
     timeout : float
         Seconds to wait for the server to answer.
+    backend : {"sqlite", "postgres", "url"}, optional
+        Its database (:func:`database_choice`): SQLite, a local PostgreSQL cluster under
+        ``$PREFECT_HOME/postgres`` (made at the first start), or the PostgreSQL of ``database_url``.
+        Default: the database this home's server last ran on (SQLite the first time).
+    database_url : str, optional
+        For backend "url".
 
     Returns
     -------
     str
         The API URL (``http://host:port/api``).
+
+    Raises
+    ------
+    RuntimeError
+        When the server cannot start (a :class:`flows.postgres.PostgresError` for the cluster), or one
+        runs already on another database than the one asked for.
     """
+    choice = database_choice(backend, database_url)
     url = running_server()
     if url:
+        running = json.loads(_state_path().read_text()).get("backend", "sqlite")
+        if backend is not None and running != choice["backend"]:
+            raise RuntimeError(
+                f"the Prefect server of {prefect_home()} runs on {running_database()}; "
+                "stop it first (`photref server stop`) to start it on another database"
+            )
         return url
     pid = _server_pid()
     if pid is not None and not pid_alive(pid):  # a server that died: Prefect would refuse to start another
@@ -188,19 +298,48 @@ def start_server(host: str = "127.0.0.1", port: int | None = None, timeout: floa
     env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(prefect_home())}
     env |= _ui_settings(host, port)
     env.pop("PREFECT_API_URL", None)
-    command = [*_prefect_command(), "server", "start", "--background", "--host", host, "--port", str(port)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"prefect server start failed: {(done.stderr or done.stdout).strip()}")
+    database = None
+    if choice["backend"] == "postgres":
+        database = LocalCluster(prefect_home()).start()
+    elif choice["backend"] == "url":
+        database = choice["url"]
+    if database is not None:
+        for setting in _DATABASE_URL_SETTINGS:
+            env.pop(setting, None)
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database
+    # `prefect server start` in the foreground, detached, its output in server.log: `--background` pipes
+    # the server's output to a parent that exits at once, so its errors were lost. Prefect's own pid file
+    # is written as `--background` writes it: `prefect server stop` stops this server too.
+    log_path = prefect_home() / SERVER_LOG
+    command = [*_prefect_command(), "server", "start", "--host", host, "--port", str(port)]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    (prefect_home() / _PID_FILE).write_text(str(process.pid))
     url = f"http://{host}:{port}/api"
     deadline = time.monotonic() + timeout
     while not server_answers(url):
-        if time.monotonic() > deadline:
+        if process.poll() is not None or time.monotonic() > deadline:
             stop_server()
-            raise RuntimeError(f"the Prefect server did not answer at {url} within {timeout:.0f} s")
+            ended = (
+                f"ended with {process.returncode}"
+                if process.poll() is not None
+                else (f"did not answer at {url} within {timeout:.0f} s")
+            )
+            raise RuntimeError(f"the Prefect server {ended}: {_log_tail(log_path)} (log: {log_path})")
         time.sleep(0.25)
-    _state_path().write_text(json.dumps({"api_url": url, "pid": _server_pid(), "home": str(prefect_home())}))
+    state = {"api_url": url, "pid": _server_pid(), "home": str(prefect_home()), "backend": choice["backend"]}
+    state["database"] = describe_database(choice, database)
+    _state_path().write_text(json.dumps(state))
+    _remember_database(choice)
     return url
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    with contextlib.suppress(OSError):
+        return " | ".join(line.strip() for line in path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
 
 
 def _ui_settings(host: str, port: int) -> dict[str, str]:
@@ -379,44 +518,86 @@ def start_temporary_server(temporary=None) -> str:
     )
 
 
-def stop_server() -> bool:
-    """Stop the photref Prefect server of this home. Returns whether one was running."""
+def stop_server() -> list[str]:
+    """Stop the photref Prefect server of this home, then its PostgreSQL cluster when one runs.
+
+    Returns
+    -------
+    list of str
+        What was stopped ("Prefect server", "PostgreSQL cluster"), empty when nothing ran.
+    """
+    stopped = []
     pid = _server_pid()
     _state_path().unlink(missing_ok=True)
-    if pid is None:
-        return False
-    env = os.environ | {"PREFECT_HOME": str(prefect_home())}
-    subprocess.run([*_prefect_command(), "server", "stop"], env=env, capture_output=True, check=False)
-    deadline = time.monotonic() + 15
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return True
+    if pid is not None:
+        env = os.environ | {"PREFECT_HOME": str(prefect_home())}
+        subprocess.run([*_prefect_command(), "server", "stop"], env=env, capture_output=True, check=False)
+        deadline = time.monotonic() + 15
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stopped.append("Prefect server")
+    cluster = LocalCluster(prefect_home())
+    if cluster.data.exists() and cluster.stop():  # after the server: it holds connections to it
+        stopped.append("PostgreSQL cluster")
+    return stopped
 
 
 def _cmd_server(args) -> int:
     home = prefect_home()
     if args.action == "start":
+        backend = (
+            "postgres" if args.postgres else "url" if args.database_url else "sqlite" if args.sqlite else None
+        )
         try:
-            url = start_server(args.host, args.port)
-        except RuntimeError as exc:
+            url = start_server(args.host, args.port, backend=backend, database_url=args.database_url)
+        except (RuntimeError, PostgresError) as exc:
             print(f"photref: error: {exc}", file=sys.stderr)
             return 1
         ui = url.removesuffix("/api")
         print(f"Prefect server running at {ui} (UI and API) for PREFECT_HOME={home}")
+        print(f"database: {running_database()}")
         print(f"photref commands with this PREFECT_HOME use it; elsewhere: export PREFECT_API_URL={url}")
         return 0
     if args.action == "stop":
-        print("Prefect server stopped" if stop_server() else f"no photref Prefect server running for {home}")
+        try:
+            stopped = stop_server()
+        except PostgresError as exc:
+            print(f"photref: error: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"{' and '.join(stopped)} stopped" if stopped else f"no photref Prefect server running for {home}"
+        )
         return 0
     url = running_server()
-    print(f"running at {url.removesuffix('/api')} (PREFECT_HOME={home})" if url else f"not running ({home})")
-    return 0 if url else 3
+    if url is None:
+        print(f"not running ({home})")
+        return 3
+    print(f"running at {url.removesuffix('/api')} (PREFECT_HOME={home}); database: {running_database()}")
+    return 0
 
 
 def add_subcommand(sub) -> None:
     """Add ``photref server start|stop|status`` to the ``photref`` parser."""
-    p = sub.add_parser("server", help="a persistent local Prefect server that photref commands use")
+    p = sub.add_parser(
+        "server",
+        help="a persistent local Prefect server that photref commands use",
+        description="start: the server on the database it last ran on (SQLite the first time), or the one "
+        "of --postgres / --database-url / --sqlite; stop: the server and its PostgreSQL cluster; status: "
+        "its address and database (exit 3 when none runs).",
+    )
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=None, help=f"default {DEFAULT_PORT}, or a free one")
+    database = p.add_mutually_exclusive_group()
+    database.add_argument(
+        "--postgres",
+        action="store_true",
+        help="start: PostgreSQL, a local cluster under $PREFECT_HOME/postgres (made the first time)",
+    )
+    database.add_argument(
+        "--database-url", metavar="URL", help="start: an existing PostgreSQL (postgresql+asyncpg://...)"
+    )
+    database.add_argument(
+        "--sqlite", action="store_true", help="start: SQLite ($PREFECT_HOME/prefect.db, the first default)"
+    )
     p.set_defaults(func=_cmd_server, needs_prefect=False)
