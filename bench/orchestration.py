@@ -1,10 +1,12 @@
 """Benchmark of the orchestration: Prefect flows against the same photref_core calls in a plain loop, and
-the fully cached re-run, on many small frames (where Prefect's per-run and per-task costs show most).
+the fully cached re-run, on many small frames (where Prefect's per-run and per-task costs show most), on a
+Prefect server with SQLite and then with PostgreSQL.
 
 What is measured
 ----------------
-For each size (default 1,000 and 10,000 frames; ``--quick``: 100), frames of 50 stars x 2 photometries,
-in this order, each phase on fresh stores:
+For each server database (``--backends``, default SQLite then PostgreSQL) and each size (default 1,000
+and 10,000 frames; ``--quick``: 100), frames of 50 stars x 2 photometries, in this order, each phase on
+fresh stores:
 
 1. ``plain ingest``: ``photref_core.ingest.photometry.plan_ingestion``, ``ingest_batch`` for every batch
    one after the other, ``finalize_ingestion`` (no Prefect), with the flow's default chunking
@@ -24,7 +26,9 @@ in this order, each phase on fresh stores:
    5 %); the task states read back from the Prefect server prove that nothing ran again.
    ``run_ingest``/``run_master`` are the entry points of runs started by hand, which run without
    Prefect's flow-run heartbeat (``flows/runners.py`` says why);
-6. ``back-to-back re-run``: the same 5 re-runs with no pause between them (printed, not the target);
+6. ``back-to-back re-run``: 20 of the same re-runs with no pause between them (median and max; printed,
+   not the target), and the number of times Prefect's client backed off meanwhile (:class:`BackoffCounter`:
+   the client's "Another attempt will be made in 2s" records);
 7. ``re-run, flow object``: the same re-run calling the flow object ``build_master_photref`` directly,
    i.e. with Prefect's default flow-run heartbeat: Prefect 3.8.8 joins its heartbeat thread, which sleeps
    in 1 s steps, at the end of every flow run, so such a run costs up to 1-2 s however little it does;
@@ -39,7 +43,8 @@ run's ``create_flow_run`` (a read then a write in one deferred transaction) come
 Prefect's client backs off 2 s (measured here: 0 of 36 re-runs stalled with 50 ms to 1 s between runs, 5
 of 6 back to back, one of them for 60 s). A nightly or hand-started re-run comes minutes apart, so the
 target phase waits 0.5 s (untimed) before each re-run; the back-to-back phase shows the stall as it is.
-PostgreSQL (the deployments README's production set-up) has no such lock.
+PostgreSQL (``photref server start --postgres``, the deployments README's production set-up) has no
+such lock: the back-to-back phase shows both.
 
 Every phase gets the same glob of the frame files (the flows expand it; the plain loop expands it too,
 inside the timing). Wall time is ``time.perf_counter`` around the call. The masters of the plain loop and
@@ -55,18 +60,20 @@ On what
 -------
 A shared 2-core, 24 GiB machine (other engineers' jobs run beside it: the 1/5/15-minute load averages of
 ``os.getloadavg()`` are printed before and after every size, and a load above 2 slows every figure), Python
-3.11, Prefect 3.8.8. The Prefect server is a temporary local one (SQLite) started once, before any timing,
-by ``prefect.testing.utilities.prefect_test_harness()`` used as a context manager, with ``PREFECT_HOME``
-under the work directory, analytics off and logging at WARNING; it runs in a subprocess on the same two
-cores, so its CPU competes with the flows'. That server now and then stalls for seconds on SQLite's
-"database is locked" (its task-run recorder retries), which is why the re-runs are repeated.
+3.11, Prefect 3.8.8. The Prefect server is ``photref server start --sqlite`` and then ``--postgres``
+(a local PostgreSQL 15 cluster), each with its own ``PREFECT_HOME`` under the work directory and a port
+of its own, started before any timing (printed), this process pointed at it with Prefect's
+``temporary_settings``, its pending events and logs delivered before it is stopped (a second server on
+the first one's port was sent the first one's task-run events). Analytics off, logging at WARNING; the
+server runs in a subprocess on the same two cores (PostgreSQL too), so its CPU competes with the flows'.
+The servers' output is ``<workdir>/prefect-home-<database>/server.log``.
 
 Usage::
 
-    .venv/bin/python bench/orchestration.py            # 1,000 and 10,000 frames (1.5 min here, 2 the first
-                                                       # time: writing the 10,000 frames takes ~20 s)
+    .venv/bin/python bench/orchestration.py            # 1,000 and 10,000 frames, SQLite then PostgreSQL
+                                                       # (~6 min here; writing the 10,000 frames ~20 s)
     .venv/bin/python bench/orchestration.py --quick    # 100 frames: a smoke run (about 30 s)
-    .venv/bin/python bench/orchestration.py --sizes 2000 --keep
+    .venv/bin/python bench/orchestration.py --sizes 2000 --backends postgres --keep
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -434,7 +442,11 @@ def photref_server(workdir: Path, backend: str):
     try:
         server.stop_server()  # a server a killed bench left behind
         start = time.perf_counter()
-        url = server.start_server(port=None, backend=backend, timeout=180)
+        # A port of its own: this process's Prefect clients (the events worker above all) keep sending to
+        # the address they know, and a second server on the first one's port was sent the first one's
+        # task-run events (on PostgreSQL: thousands of foreign-key errors, and the run's own task runs
+        # queued behind them).
+        url = server.start_server(port=_free_port(), backend=backend, timeout=180)
         print(
             f"\n##### {backend}: photref server start --{backend} in {time.perf_counter() - start:.1f} s "
             f"(not timed below): {server.running_database()}",
@@ -445,12 +457,28 @@ def photref_server(workdir: Path, backend: str):
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
+            _drain_prefect_clients()
     finally:
         os.environ["PREFECT_HOME"] = str(home)
         try:
             server.stop_server()
         finally:
             os.environ["PREFECT_HOME"] = own_home
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _drain_prefect_clients() -> None:
+    """Deliver this process's pending events and logs to the server before it stops."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=60, at_exit=False)
+    APILogWorker.drain_all(timeout=60, at_exit=False)
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
-"""Deployments end to end against a real Prefect server that this module starts on 127.0.0.1.
+"""Deployments end to end against a real Prefect server that this module starts on 127.0.0.1, on
+PostgreSQL (the production set-up of deployments/README.md; SQLite where the machine has no PostgreSQL).
 
 * serve path: ``deployments/serve.py`` as a subprocess; a triggered nightly run completes, its artifacts
   are readable through the API and the cron schedule is registered;
@@ -19,10 +20,12 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -192,8 +195,30 @@ def field(workdir):
 
 
 @pytest.fixture(scope="module")
-def server(workdir):
-    """A real Prefect server (SQLite) on a free port of 127.0.0.1: (api url, env for subprocesses)."""
+def database(workdir):
+    """The server's database: PostgreSQL, the production set-up of deployments/README.md (a cluster of
+    :mod:`flows.postgres` in a directory other users can reach: run as root, the cluster runs as another
+    user), else SQLite where this machine has no PostgreSQL."""
+    from flows.postgres import LocalCluster, PostgresError, postgres_bindir
+
+    try:
+        postgres_bindir()
+    except PostgresError:
+        yield f"sqlite+aiosqlite:///{workdir / 'server.db'}"
+        return
+    parent = Path(tempfile.mkdtemp(prefix="photref-deploy-pg-"))
+    parent.chmod(0o755)
+    cluster = LocalCluster(parent)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(workdir, database):
+    """A real Prefect server on a free port of 127.0.0.1: (api url, env for subprocesses)."""
     home = workdir / "prefect-home"
     home.mkdir()
     port = _free_port()
@@ -212,7 +237,7 @@ def server(workdir):
     server_env = dict(env)
     server_env.pop("PREFECT_API_URL")
     server_env.update(
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'server.db'}",
+        PREFECT_API_DATABASE_CONNECTION_URL=database,
         PREFECT_UI_ENABLED="false",
         PREFECT_LOGGING_SERVER_LEVEL="WARNING",
     )
