@@ -29,6 +29,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -313,6 +314,7 @@ def start_server(
     log_path = prefect_home() / SERVER_LOG
     command = [*_prefect_command(), "server", "start", "--host", host, "--port", str(port)]
     with open(log_path, "ab") as log:
+        offset = log.tell()
         process = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
@@ -327,7 +329,9 @@ def start_server(
                 if process.poll() is not None
                 else (f"did not answer at {url} within {timeout:.0f} s")
             )
-            raise RuntimeError(f"the Prefect server {ended}: {_log_tail(log_path)} (log: {log_path})")
+            raise RuntimeError(
+                f"the Prefect server {ended}: {_log_reason(log_path, offset)} (log: {log_path})"
+            )
         time.sleep(0.25)
     state = {"api_url": url, "pid": _server_pid(), "home": str(prefect_home()), "backend": choice["backend"]}
     state["database"] = describe_database(choice, database)
@@ -336,9 +340,17 @@ def start_server(
     return url
 
 
-def _log_tail(path: Path, lines: int = 3) -> str:
+def _log_reason(path: Path, offset: int) -> str:
+    """Why the server failed, from its log since ``offset``: the last exception line (a database that
+    refuses the connection: ``ConnectionRefusedError: ... ('127.0.0.1', 9)``), else its last lines."""
     with contextlib.suppress(OSError):
-        return " | ".join(line.strip() for line in path.read_text(errors="replace").splitlines()[-lines:])
+        with open(path, "rb") as log:
+            log.seek(offset)
+            lines = log.read().decode(errors="replace").splitlines()
+        errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b.*: ", line)]
+        return (
+            errors[-1].strip() if errors else " | ".join(line.strip() for line in lines[-3:] if line.strip())
+        )
     return ""
 
 

@@ -220,3 +220,37 @@ def test_as_root_a_home_the_cluster_user_cannot_reach_is_named(tmp_path):
     named = Path(re.search(r"reach [^:]+: (.+) is closed to other users", str(error.value)).group(1))
     assert named in cluster.directory.parents and not named.stat().st_mode & 0o001
     assert not cluster.data.exists()
+
+
+@needs_postgres
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_database_url_uses_an_existing_postgres_and_a_refused_one_is_one_line(open_home):
+    """--database-url: a PostgreSQL photref did not make (here another home's cluster) is used as it is,
+    named without its password, and left running at stop; one that refuses the connection fails the start
+    with the reason from the server's log."""
+    existing = postgres.LocalCluster(open_home.parent / "elsewhere")
+    database = existing.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+        env |= {"PREFECT_HOME": str(open_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        port = _free_port()
+        started = _photref(["server", "start", "--port", str(port), "--database-url", database], env)
+        assert started.returncode == 0, started.stderr
+        password = database.split(":")[2].split("@")[0]
+        assert "database: PostgreSQL postgresql+asyncpg://prefect:***@127.0.0.1:" in started.stdout
+        assert password not in started.stdout + started.stderr
+        assert _flow_runs(f"http://127.0.0.1:{port}/api") == []
+        assert not (open_home / "postgres").exists()  # no cluster of its own
+        stopped = _photref(["server", "stop"], env, timeout=120)
+        assert stopped.stdout.strip() == "Prefect server stopped"
+        assert existing.running_port() is not None  # not photref's to stop
+
+        refused = "postgresql+asyncpg://prefect:x@127.0.0.1:9/prefect"  # port 9: nothing listens
+        failed = _photref(["server", "start", "--port", str(port), "--database-url", refused], env)
+        assert failed.returncode == 1
+        assert "the Prefect server ended with " in failed.stderr
+        assert "Connect call failed ('127.0.0.1', 9)" in failed.stderr and "server.log" in failed.stderr
+        assert _photref(["server", "status"], env, timeout=60).returncode == 3
+    finally:
+        existing.stop()
