@@ -85,7 +85,6 @@ import logging
 import os
 import platform
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -435,6 +434,7 @@ def photref_server(workdir: Path, backend: str):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows import server
+    from flows._ports import free_port
 
     home = workdir / f"prefect-home-{backend}"
     own_home = os.environ["PREFECT_HOME"]
@@ -446,7 +446,7 @@ def photref_server(workdir: Path, backend: str):
         # the address they know, and a second server on the first one's port was sent the first one's
         # task-run events (on PostgreSQL: thousands of foreign-key errors, and the run's own task runs
         # queued behind them).
-        url = server.start_server(port=_free_port(), backend=backend, timeout=180)
+        url = server.start_server(port=free_port(), backend=backend, timeout=180)
         print(
             f"\n##### {backend}: photref server start --{backend} in {time.perf_counter() - start:.1f} s "
             f"(not timed below): {server.running_database()}",
@@ -464,12 +464,6 @@ def photref_server(workdir: Path, backend: str):
             server.stop_server()
         finally:
             os.environ["PREFECT_HOME"] = own_home
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _drain_prefect_clients() -> None:

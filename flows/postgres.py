@@ -29,11 +29,11 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import stat
 import subprocess
 from pathlib import Path
 
+from flows._ports import free_port, port_free
 from photref_core.errors import PhotrefError
 
 __all__ = [
@@ -103,23 +103,6 @@ def redact(url: str) -> str:
     credentials, _, location = rest.rpartition("@")
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user}:***@{location}" if ":" in credentials else url
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        # As PostgreSQL binds: a port its last run left in TIME_WAIT is free to it.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 class LocalCluster:
@@ -200,10 +183,6 @@ class LocalCluster:
         )
 
     # -- state -----------------------------------------------------------------------------------
-    def exists(self) -> bool:
-        """Whether the cluster was made (``initdb`` done and the database created)."""
-        return self._state().get("database_created", False) and (self.data / "PG_VERSION").exists()
-
     def _state(self) -> dict:
         with contextlib.suppress(OSError, ValueError):
             return json.loads(self._state_file.read_text())
@@ -278,8 +257,8 @@ class LocalCluster:
             self._init()
             state = self._state()
             port = state.get("port")
-            if not port or not _port_free(port):
-                port = _free_port()
+            if not port or not port_free("127.0.0.1", port):
+                port = free_port()
             self._run(
                 [
                     str(postgres_bindir() / "pg_ctl"),

@@ -39,6 +39,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from flows._ports import free_port, port_free
 from flows.postgres import LocalCluster, PostgresError, redact
 from photref_core._atomic import pid_alive
 
@@ -138,22 +139,6 @@ def connect_to_server(stream=None, launch_temporary: bool = False) -> str | None
     if launch_temporary:
         launch_temporary_server()
     return None
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def _prefect_command() -> list[str]:
@@ -292,8 +277,8 @@ def start_server(
             "on its recorded address; stop it with `photref server stop`"
         )
     if port is None:
-        port = DEFAULT_PORT if _port_free(host, DEFAULT_PORT) else _free_port(host)
-    elif not _port_free(host, port):
+        port = DEFAULT_PORT if port_free(host, DEFAULT_PORT) else free_port(host)
+    elif not port_free(host, port):
         raise RuntimeError(f"port {port} on {host} is in use; choose another with --port")
     prefect_home().mkdir(parents=True, exist_ok=True)
     env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(prefect_home())}
@@ -398,7 +383,7 @@ class TemporaryServer:
     """
 
     def __init__(self, command: list[str] | None = None):
-        self.port = _free_port("127.0.0.1")
+        self.port = free_port("127.0.0.1")
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self._command = command
         self._process: subprocess.Popen | None = None
@@ -549,7 +534,7 @@ def stop_server() -> list[str]:
             time.sleep(0.1)
         stopped.append("Prefect server")
     cluster = LocalCluster(prefect_home())
-    if cluster.data.exists() and cluster.stop():  # after the server: it holds connections to it
+    if cluster.stop():  # after the server: it holds connections to it
         stopped.append("PostgreSQL cluster")
     return stopped
 
