@@ -5,44 +5,26 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+from cliproc import photref
 
 from flows import server
+from flows._ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _photref(args, env, timeout=150) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_server_on_another_port_serves_a_ui_that_calls_its_own_api(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env |= {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    started = _photref(["server", "start", "--port", str(port)], env)
+    started = photref(["server", "start", "--port", str(port)], env)
     try:
         assert started.returncode == 0, started.stderr
         assert f"http://127.0.0.1:{port}" in started.stdout
@@ -50,10 +32,10 @@ def test_a_server_on_another_port_serves_a_ui_that_calls_its_own_api(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as response:
             settings = json.load(response)
         assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
-        status = _photref(["server", "status"], env, timeout=60)
+        status = photref(["server", "status"], env, timeout=60)
         assert status.returncode == 0 and f":{port}" in status.stdout
     finally:
-        stopped = _photref(["server", "stop"], env, timeout=60)
+        stopped = photref(["server", "stop"], env, timeout=60)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
 
 
@@ -138,7 +120,7 @@ def test_a_command_without_a_server_starts_its_temporary_server_first_and_stops_
     env |= {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     before = _temporary_servers()
     args = ["ingest", str(tmp_path / "s.zarr"), *map(str, small_field.frames[:5])]
-    done = _photref([*args, "--catalog", str(small_field.catalog)], env)
+    done = photref([*args, "--catalog", str(small_field.catalog)], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "using a temporary one" in done.stderr
     assert "on a temporary Prefect server, gone with this command" in done.stdout

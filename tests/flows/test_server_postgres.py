@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,8 +18,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cliproc import photref
 
 from flows import postgres, server
+from flows._ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,24 +32,6 @@ except postgres.PostgresError as exc:  # the reason is the error's own message
     BINDIR, NO_POSTGRES = None, str(exc)
 
 needs_postgres = pytest.mark.skipif(BINDIR is None, reason=f"no PostgreSQL here: {NO_POSTGRES}")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _photref(args, env, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -103,18 +86,18 @@ print(json.dumps({"times": times, "states": states, "backoffs": counter.backoffs
 def test_a_postgres_backed_server_runs_back_to_back_without_backoff_and_keeps_its_runs(
     small_field, tmp_path, open_home
 ):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env |= {"PREFECT_HOME": str(open_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    started = _photref(["server", "start", "--postgres", "--port", str(port)], env)
+    started = photref(["server", "start", "--postgres", "--port", str(port)], env)
     assert started.returncode == 0, started.stderr
     assert (
         "database: PostgreSQL 127.0.0.1:" in started.stdout and str(open_home / "postgres") in started.stdout
     )
     assert (open_home / "postgres" / "data" / "PG_VERSION").exists()
     api = f"http://127.0.0.1:{port}/api"
-    status = _photref(["server", "status"], env, timeout=60)
+    status = photref(["server", "status"], env, timeout=60)
     assert status.returncode == 0 and "database: PostgreSQL" in status.stdout
 
     # The master flow twice, as processes on this server: the second is served from the cache.
@@ -123,11 +106,11 @@ def test_a_postgres_backed_server_runs_back_to_back_without_backoff_and_keeps_it
     store, catalog, output = tmp_path / "s.zarr", field / "catalog.fits", tmp_path / "m.fits"
     frames = str(field / "frames" / "*.fits")
     master = ["master", str(store), "--catalog", str(catalog), "--output", str(output), "--frames", frames]
-    first = _photref(master, env)
+    first = photref(master, env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"photref: Prefect server http://127.0.0.1:{port}" in first.stderr
     assert first.stdout.startswith(f"master: {output} (written now)")
-    second = _photref(master, env)
+    second = photref(master, env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.startswith(f"master: {output} (unchanged: from the cache)")
 
@@ -153,18 +136,18 @@ def test_a_postgres_backed_server_runs_back_to_back_without_backoff_and_keeps_it
     assert len(masters) >= 22, sorted(run["name"] for run in listed.values())
 
     # Stop (the server and the cluster), start again without naming the database: the same runs are there.
-    stopped = _photref(["server", "stop"], env, timeout=120)
+    stopped = photref(["server", "stop"], env, timeout=120)
     assert (
         stopped.returncode == 0 and stopped.stdout.strip() == "Prefect server and PostgreSQL cluster stopped"
     )
     assert not (open_home / "postgres" / "data" / "postmaster.pid").exists()
-    assert _photref(["server", "status"], env, timeout=60).returncode == 3
-    again = _photref(["server", "start", "--port", str(port)], env)
+    assert photref(["server", "status"], env, timeout=60).returncode == 3
+    again = photref(["server", "start", "--port", str(port)], env)
     assert again.returncode == 0, again.stderr
     assert "database: PostgreSQL" in again.stdout
     assert set(listed) <= {run["id"] for run in _flow_runs(api)}
     # Another database while it runs is refused, naming the one it runs on.
-    refused = _photref(["server", "start", "--sqlite"], env, timeout=60)
+    refused = photref(["server", "start", "--sqlite"], env, timeout=60)
     assert refused.returncode == 1 and "runs on PostgreSQL" in refused.stderr
     assert (open_home / "server.log").stat().st_size > 0  # the server's output is kept
 
@@ -234,23 +217,23 @@ def test_database_url_uses_an_existing_postgres_and_a_refused_one_is_one_line(op
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
         env |= {"PREFECT_HOME": str(open_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        port = _free_port()
-        started = _photref(["server", "start", "--port", str(port), "--database-url", database], env)
+        port = free_port()
+        started = photref(["server", "start", "--port", str(port), "--database-url", database], env)
         assert started.returncode == 0, started.stderr
         password = database.split(":")[2].split("@")[0]
         assert "database: PostgreSQL postgresql+asyncpg://prefect:***@127.0.0.1:" in started.stdout
         assert password not in started.stdout + started.stderr
         assert _flow_runs(f"http://127.0.0.1:{port}/api") == []
         assert not (open_home / "postgres").exists()  # no cluster of its own
-        stopped = _photref(["server", "stop"], env, timeout=120)
+        stopped = photref(["server", "stop"], env, timeout=120)
         assert stopped.stdout.strip() == "Prefect server stopped"
         assert existing.running_port() is not None  # not photref's to stop
 
         refused = "postgresql+asyncpg://prefect:x@127.0.0.1:9/prefect"  # port 9: nothing listens
-        failed = _photref(["server", "start", "--port", str(port), "--database-url", refused], env)
+        failed = photref(["server", "start", "--port", str(port), "--database-url", refused], env)
         assert failed.returncode == 1
         assert "the Prefect server ended with " in failed.stderr
         assert "Connect call failed ('127.0.0.1', 9)" in failed.stderr and "server.log" in failed.stderr
-        assert _photref(["server", "status"], env, timeout=60).returncode == 3
+        assert photref(["server", "status"], env, timeout=60).returncode == 3
     finally:
         existing.stop()
