@@ -41,14 +41,7 @@ def open_home():
     parent = Path(tempfile.mkdtemp(prefix="photref-pg-"))
     parent.chmod(0o755)
     yield parent / "home"
-    env = os.environ | {"PREFECT_HOME": str(parent / "home")}
-    subprocess.run(
-        [sys.executable, "-m", "flows.cli", "server", "stop"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        check=False,
-    )
+    photref(["server", "stop"], os.environ | {"PREFECT_HOME": str(parent / "home")}, timeout=120)
     shutil.rmtree(parent, ignore_errors=True)
 
 
