@@ -23,6 +23,7 @@ Like :mod:`flows.server`, this module imports nothing of Prefect.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -120,6 +121,11 @@ class LocalCluster:
         self.log = self.directory / "postgres.log"
         self._state_file = self.directory / "photref.json"
 
+    @functools.cached_property
+    def bindir(self) -> Path:
+        """PostgreSQL's programs (:func:`postgres_bindir`), looked up once per cluster object."""
+        return postgres_bindir()
+
     # -- who runs it ------------------------------------------------------------------------------
     @staticmethod
     def os_user() -> pwd.struct_passwd | None:
@@ -197,9 +203,7 @@ class LocalCluster:
 
     def running_port(self) -> int | None:
         """The port of the running cluster (its ``postmaster.pid``), None when it is not running."""
-        if self._run(
-            [str(postgres_bindir() / "pg_ctl"), "status", "-D", str(self.data)], check=False
-        ).returncode:
+        if self._run([str(self.bindir / "pg_ctl"), "status", "-D", str(self.data)], check=False).returncode:
             return None
         with contextlib.suppress(OSError, ValueError, IndexError):
             return int((self.data / "postmaster.pid").read_text().splitlines()[3])
@@ -235,7 +239,7 @@ class LocalCluster:
         try:
             self._run(
                 [
-                    str(postgres_bindir() / "initdb"),
+                    str(self.bindir / "initdb"),
                     "-D",
                     str(self.data),
                     "-U",
@@ -251,7 +255,7 @@ class LocalCluster:
 
     def start(self) -> str:
         """Make the cluster if needed, start it (or find it running) and return Prefect's URL for it."""
-        postgres_bindir()  # its programs first: the plainest of the errors
+        pg_ctl = str(self.bindir / "pg_ctl")  # its programs first: the plainest of the errors
         port = self.running_port() if self.data.exists() else None
         if port is None:
             self._init()
@@ -261,7 +265,7 @@ class LocalCluster:
                 port = free_port()
             self._run(
                 [
-                    str(postgres_bindir() / "pg_ctl"),
+                    pg_ctl,
                     "start",
                     "-D",
                     str(self.data),
@@ -283,7 +287,7 @@ class LocalCluster:
         env = os.environ | {"PGPASSWORD": self._state()["password"]}
         done = self._run(
             [
-                str(postgres_bindir() / "createdb"),
+                str(self.bindir / "createdb"),
                 "-h",
                 "127.0.0.1",
                 "-p",
@@ -307,7 +311,7 @@ class LocalCluster:
             return False
         self._run(
             [
-                str(postgres_bindir() / "pg_ctl"),
+                str(self.bindir / "pg_ctl"),
                 "stop",
                 "-D",
                 str(self.data),

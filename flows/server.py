@@ -90,14 +90,24 @@ def server_answers(api_url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def _read_state() -> dict:
+    """What ``photref server start`` recorded for this home (empty when nothing is recorded)."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(_state_path().read_text())
+    return {}
+
+
+def _running_state() -> dict | None:
+    """The record of this home's server when the server answers at its recorded address; else None."""
+    state = _read_state()
+    url = state.get("api_url")
+    return state if url and server_answers(url, timeout=0.5) else None
+
+
 def running_server() -> str | None:
     """The API URL of the photref server of this Prefect home, when it answers; else None."""
-    try:
-        state = json.loads(_state_path().read_text())
-    except (OSError, ValueError):
-        return None
-    url = state.get("api_url")
-    return url if url and server_answers(url, timeout=0.5) else None
+    state = _running_state()
+    return state["api_url"] if state else None
 
 
 def _profile_sets_api_url() -> bool:
@@ -208,19 +218,16 @@ def describe_database(choice: dict, url: str | None = None) -> str:
         return f"PostgreSQL {location} (the cluster in {prefect_home() / 'postgres'})"
     if choice["backend"] == "url":
         return f"PostgreSQL {redact(choice['url'])}"
-    environment = next((os.environ[k] for k in _DATABASE_URL_SETTINGS if os.environ.get(k)), None)
-    if environment:
-        return f"{redact(environment)} (PREFECT_API_DATABASE_CONNECTION_URL)"
+    setting = next((k for k in _DATABASE_URL_SETTINGS if os.environ.get(k)), None)
+    if setting:
+        return f"{redact(os.environ[setting])} ({setting})"
     return f"SQLite {prefect_home() / 'prefect.db'}"
 
 
 def running_database() -> str | None:
     """The database line of the running server of this home (None when none runs)."""
-    if running_server() is None:
-        return None
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(_state_path().read_text()).get("database")
-    return None
+    state = _running_state()
+    return state.get("database") if state else None
 
 
 def start_server(
@@ -259,15 +266,14 @@ def start_server(
         runs already on another database than the one asked for.
     """
     choice = database_choice(backend, database_url)
-    url = running_server()
-    if url:
-        running = json.loads(_state_path().read_text()).get("backend", "sqlite")
-        if backend is not None and running != choice["backend"]:
+    running = _running_state()
+    if running:
+        if backend is not None and running.get("backend", "sqlite") != choice["backend"]:
             raise RuntimeError(
-                f"the Prefect server of {prefect_home()} runs on {running_database()}; "
+                f"the Prefect server of {prefect_home()} runs on {running.get('database')}; "
                 "stop it first (`photref server stop`) to start it on another database"
             )
-        return url
+        return running["api_url"]
     pid = _server_pid()
     if pid is not None and not pid_alive(pid):  # a server that died: Prefect would refuse to start another
         (prefect_home() / _PID_FILE).unlink(missing_ok=True)
@@ -552,7 +558,7 @@ def _cmd_server(args) -> int:
             return 1
         ui = url.removesuffix("/api")
         print(f"Prefect server running at {ui} (UI and API) for PREFECT_HOME={home}")
-        print(f"database: {running_database()}")
+        print(f"database: {_read_state().get('database')}")  # start_server just recorded it
         print(f"photref commands with this PREFECT_HOME use it; elsewhere: export PREFECT_API_URL={url}")
         return 0
     if args.action == "stop":
@@ -565,11 +571,12 @@ def _cmd_server(args) -> int:
             f"{' and '.join(stopped)} stopped" if stopped else f"no photref Prefect server running for {home}"
         )
         return 0
-    url = running_server()
-    if url is None:
+    state = _running_state()
+    if state is None:
         print(f"not running ({home})")
         return 3
-    print(f"running at {url.removesuffix('/api')} (PREFECT_HOME={home}); database: {running_database()}")
+    ui = state["api_url"].removesuffix("/api")
+    print(f"running at {ui} (PREFECT_HOME={home}); database: {state.get('database')}")
     return 0
 
 
